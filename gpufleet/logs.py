@@ -1,0 +1,51 @@
+"""Logging set-up for the daemons and the CLI: logfmt on stderr.
+
+Only entry points call ``configure``; library modules just take a logger with
+``structlog.stdlib.get_logger(__name__)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure(level: str = "info", *, node_id: str | None = None) -> None:
+    """Routes structlog and stdlib logging to stderr as logfmt lines."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", key="ts"),
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=structlog.processors.LogfmtRenderer(
+                key_order=["ts", "level", "event"], drop_missing=True
+            ),
+            foreign_pre_chain=processors,
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # Third-party chatter at INFO would drown the daemon's own journal lines.
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "aiosqlite", "grpc"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    structlog.configure(
+        processors=[
+            *processors,
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    if node_id:
+        structlog.contextvars.bind_contextvars(node_id=node_id)
