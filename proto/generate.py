@@ -1,6 +1,6 @@
 """Regenerates the Python code of the wire contract from the .proto files.
 
-The generated modules are committed under ``proto/_proto`` so that installing
+The generated modules are committed under ``proto/python/_proto`` so that installing
 gpufleet needs no protobuf compiler; ``tests/test_proto_current.py`` fails
 when they no longer match the .proto source. Run ``make proto`` after editing
 a .proto file. Needs ``grpcio-tools`` (the ``dev`` extra).
@@ -59,5 +59,5 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for path in generate(HERE / "_proto"):
+    for path in generate(HERE / "python" / "_proto"):
         print(path.relative_to(HERE.parent), file=sys.stderr)

@@ -1,7 +1,10 @@
 """The wire contract of gpufleet, package ``gpufleet.v1``.
 
 ``pb`` holds the messages and ``rpc`` the generated gRPC stubs and servicers;
-both are generated from ``gpufleet/v1/fleet.proto`` by ``proto/generate.py``.
+both are generated from ``proto/gpufleet/v1/fleet.proto`` by
+``proto/generate.py``. This folder, not ``proto/`` itself, is the package, so
+that ``proto/`` never shadows the ``proto`` module of proto-plus (which the
+Google Cloud clients import) when Python runs from the repository root.
 """
 
 from gpufleet.proto._proto import fleet_pb2 as pb

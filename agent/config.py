@@ -1,0 +1,160 @@
+"""The agent's configuration: where the broker is, what to sample and how.
+
+Read by ``gpufleet agent run`` from ``/etc/gpufleet/agent.yaml`` (or the file
+named by ``GPUFLEET_AGENT_CONFIG``), ``GPUFLEET_AGENT_*`` variables and flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpufleet.config import load_config, require
+from gpufleet.errors import ConfigError
+
+COLLECTORS = ("auto", "nvidia", "amd", "replay")
+
+
+@dataclass
+class TlsConfig:
+    """Client certificate for mutual TLS; all three or none."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.ca, self.cert, self.key))
+
+
+@dataclass
+class ReplayConfig:
+    """A recorded trace to replay instead of reading real GPUs."""
+
+    duty_csv: Path | None = None
+    mem_csv: Path | None = None
+    pods: list[str] = field(default_factory=list)
+    wide_csv: Path | None = None
+    speedup: float = 1.0
+    loop: bool = False
+    # Wall time at which the trace time ``origin_s`` is replayed; agents of
+    # one simulated fleet share both so that their clocks line up.
+    start_wall_s: float | None = None
+    origin_s: float | None = None
+    gpu_name: str = "NVIDIA A10G (replay)"
+    mem_total_bytes: int = 24 * 1024**3
+
+
+@dataclass
+class IdentityConfig:
+    """Explicit host identity; set fields win over the metadata service."""
+
+    provider: str | None = None
+    region: str | None = None
+    zone: str | None = None
+    instance_id: str | None = None
+    instance_type: str | None = None
+    spot: bool | None = None
+    project: str | None = None
+    discover: bool = True
+    metadata_timeout_s: float = 0.5
+
+
+@dataclass
+class AgentConfig:
+    """Everything ``gpufleet agent run`` needs."""
+
+    broker: str = "127.0.0.1:50051"
+    name: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    collector: str = "auto"
+    interval_s: float = 1.0
+    batch_interval_s: float = 1.0
+    call_timeout_s: float = 2.0
+    buffer_max_samples: int = 100_000
+    max_batch_samples: int = 5_000
+    state_dir: Path = Path("/var/lib/gpufleet")
+    # Keepalive pings detect a half-open stream (a NAT or proxy that drops
+    # the connection without closing it). The broker permits pings this
+    # often; see broker/server.py, which sets the matching server options.
+    keepalive_time_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    log_level: str = "info"
+
+    def validate(self, source: str) -> None:
+        """Raises ConfigError listing every inconsistent field."""
+        p: list[str] = []
+        require(
+            p,
+            self.collector in COLLECTORS,
+            f"collector: must be one of {', '.join(COLLECTORS)}, "
+            f"got {self.collector!r}",
+        )
+        require(
+            p, ":" in self.broker, f"broker: must be HOST:PORT, got {self.broker!r}"
+        )
+        for name in (
+            "interval_s",
+            "batch_interval_s",
+            "call_timeout_s",
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+        ):
+            value = getattr(self, name)
+            require(
+                p,
+                value is not None and value > 0,
+                f"{name}: must be a number > 0, got {value!r}",
+            )
+        require(
+            p,
+            self.buffer_max_samples >= 100,
+            f"buffer_max_samples: must be >= 100, got {self.buffer_max_samples}",
+        )
+        require(
+            p,
+            self.reconnect_min_s > 0 and self.reconnect_max_s >= self.reconnect_min_s,
+            "reconnect_min_s/reconnect_max_s: need 0 < min <= max, got "
+            f"{self.reconnect_min_s}/{self.reconnect_max_s}",
+        )
+        tls = (self.tls.ca, self.tls.cert, self.tls.key)
+        require(
+            p,
+            all(tls) or not any(tls),
+            "tls: set ca, cert and key together (or none of them)",
+        )
+        if self.collector == "replay":
+            r = self.replay
+            require(
+                p,
+                bool(r.duty_csv) != bool(r.wide_csv),
+                "replay: set either replay.duty_csv (with replay.pods) "
+                "or replay.wide_csv",
+            )
+            require(p, r.speedup > 0, f"replay.speedup: must be > 0, got {r.speedup}")
+            for key in ("duty_csv", "mem_csv", "wide_csv"):
+                value = getattr(r, key)
+                require(
+                    p,
+                    value is None or Path(value).is_file(),
+                    f"replay.{key}: no such file: {value}",
+                )
+        if p:
+            raise ConfigError(source, p)
+
+
+def load_agent_config(
+    path: Path | None, overrides: dict[str, object] | None = None
+) -> AgentConfig:
+    """Loads and validates the agent configuration."""
+    cfg = load_config(
+        AgentConfig, path=path, env_prefix="GPUFLEET_AGENT_", overrides=overrides
+    )
+    cfg.validate(str(path) if path else "agent configuration")
+    return cfg

@@ -1,0 +1,208 @@
+"""The agent process: wiring of sampling, the broker session and commands.
+
+``run`` is what ``gpufleet agent run`` calls. One TaskGroup owns every
+long-lived loop; SIGTERM or SIGINT unwinds it cleanly, and a crashed loop
+ends the process non-zero so that systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable
+
+import structlog
+from gpufleet.agent import sdnotify
+from gpufleet.agent.buffer import CommandLedger, TelemetryBuffer
+from gpufleet.agent.collectors.base import Collector, GpuSampler
+from gpufleet.agent.collectors.detect import detect_collector
+from gpufleet.agent.config import AgentConfig
+from gpufleet.agent.identity import discover_identity
+from gpufleet.agent.processes import kill_gpu_processes
+from gpufleet.agent.session import BrokerSession
+from gpufleet.proto import PROTOCOL_VERSION, pb
+
+import gpufleet
+
+log = structlog.stdlib.get_logger(__name__)
+
+
+class Shutdown(Exception):
+    """Raised inside the task group to unwind it on a signal."""
+
+
+class Agent:
+    """State shared by the agent's loops; each loop owns what it writes.
+
+    The sampling loop owns ``latest`` and pushes into ``buffer``; the
+    session owns the stream; command tasks only read ``latest``.
+    """
+
+    def __init__(self, cfg: AgentConfig, collector: Collector) -> None:
+        self.cfg = cfg
+        self.collector = collector
+        self.gpus: list[pb.GpuInfo] = []
+        self.identity = pb.HostIdentity()
+        self.latest: dict[str, pb.GpuSample] = {}
+        self.buffer = TelemetryBuffer(cfg.buffer_max_samples)
+        ledger_path = cfg.state_dir / "commands.json" if cfg.state_dir else None
+        self.ledger = CommandLedger(ledger_path)
+        self.first_sample = asyncio.Event()
+        self.session: BrokerSession | None = None
+        self.samples_total = 0
+
+    def hello(self) -> pb.Hello:
+        return pb.Hello(
+            agent_version=gpufleet.__version__,
+            protocol_version=PROTOCOL_VERSION,
+            host=self.identity,
+            gpus=self.gpus,
+            labels=self.cfg.labels,
+            sent_at_s=time.time(),
+        )
+
+    async def sample_loop(self, sampler: GpuSampler) -> None:
+        """Samples every GPU each interval on the monotonic clock.
+
+        Missed ticks are skipped rather than bursted: a late round is better
+        than a pile of samples taken at the same instant.
+        """
+        interval_s = self.cfg.interval_s
+        next_tick = time.monotonic()
+        while True:
+            try:
+                samples = await sampler.sample_all()
+            except Exception:
+                log.exception("telemetry.round_failed")
+                samples = []
+            for sample in samples:
+                self.latest[sample.gpu_uuid] = sample
+            if samples:
+                self.buffer.push(samples)
+                self.samples_total += len(samples)
+                self.first_sample.set()
+            next_tick += interval_s
+            now = time.monotonic()
+            if next_tick < now:
+                next_tick = now + interval_s - ((now - next_tick) % interval_s)
+            await asyncio.sleep(next_tick - now)
+
+    async def execute(self, command: pb.Command) -> pb.CommandResult:
+        """Runs one broker command and returns its result."""
+        kind = command.WhichOneof("action")
+        if kind == "kill_processes":
+            kill = command.kill_processes
+            log.info(
+                "command.kill_processes",
+                command_id=command.command_id,
+                gpu_uuid=kill.gpu_uuid,
+                pids=list(kill.pids),
+            )
+            return await kill_gpu_processes(kill, self.latest.get(kill.gpu_uuid))
+        return pb.CommandResult(
+            status=pb.COMMAND_STATUS_REFUSED,
+            detail=f"this agent ({gpufleet.__version__}) does not know the "
+            f"command {kind!r}; upgrade the agent",
+        )
+
+
+async def _raise_when_set(event: asyncio.Event) -> None:
+    await event.wait()
+    raise Shutdown
+
+
+async def run(
+    cfg: AgentConfig,
+    collector: Collector | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+    agent_out: list[Agent] | None = None,
+) -> None:
+    """Runs the agent until SIGTERM or SIGINT (or ``stop``, for tests).
+
+    ``agent_out`` receives the running Agent, for tests that inspect it.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    if collector is None:
+        collector = await asyncio.to_thread(
+            detect_collector, cfg.collector, replay=cfg.replay
+        )
+    agent = Agent(cfg, collector)
+    if agent_out is not None:
+        agent_out.append(agent)
+    agent.gpus = await asyncio.to_thread(collector.open)
+    agent.identity = await discover_identity(
+        name=cfg.name,
+        timeout_s=cfg.identity.metadata_timeout_s,
+        providers=("aws", "gcp", "azure") if cfg.identity.discover else (),
+        overrides=_identity_overrides(cfg),
+    )
+    structlog.contextvars.bind_contextvars(node_id=agent.identity.host_id)
+    log.info(
+        "agent.started",
+        version=gpufleet.__version__,
+        collector=collector.kind,
+        gpus=len(agent.gpus),
+        provider=agent.identity.provider or "none",
+        broker=cfg.broker,
+        pid=os.getpid(),
+    )
+    sampler = GpuSampler(collector, agent.gpus, call_timeout_s=cfg.call_timeout_s)
+    try:
+        async with asyncio.TaskGroup() as tg:
+
+            def spawn(coro: Awaitable[None]) -> None:
+                tg.create_task(coro, name="command")  # type: ignore[arg-type]
+
+            session = agent.session = BrokerSession(
+                cfg,
+                hello=agent.hello,
+                buffer=agent.buffer,
+                ledger=agent.ledger,
+                execute=agent.execute,
+                spawn=spawn,
+            )
+            tg.create_task(agent.sample_loop(sampler), name="telemetry")
+            tg.create_task(_notify_ready(agent), name="ready")
+            tg.create_task(session.run_loop(), name="broker-session")
+            tg.create_task(_raise_when_set(stop), name="shutdown")
+    except* Shutdown:
+        sdnotify.notify("STOPPING=1")
+        log.info(
+            "agent.stopped", reason="signal", dropped_total=agent.buffer.dropped_total
+        )
+    finally:
+        await asyncio.to_thread(collector.close)
+
+
+async def _notify_ready(agent: Agent) -> None:
+    # Ready once configuration is loaded and the first sample succeeded; the
+    # broker session may still be retrying, which is fine for systemd.
+    await agent.first_sample.wait()
+    sdnotify.notify("READY=1")
+    log.info("agent.ready", samples=agent.samples_total)
+
+
+def _identity_overrides(cfg: AgentConfig) -> dict[str, object]:
+    fields = (
+        "provider",
+        "region",
+        "zone",
+        "instance_id",
+        "instance_type",
+        "spot",
+        "project",
+    )
+    out = {f: getattr(cfg.identity, f) for f in fields}
+    out = {k: v for k, v in out.items() if v is not None}
+    if cfg.name:
+        out.setdefault("hostname", socket.gethostname())
+    return out

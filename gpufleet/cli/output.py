@@ -1,0 +1,70 @@
+"""Rendering of CLI results: Rich tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+
+def console() -> Console:
+    # No colour when stdout is not a terminal or NO_COLOR is set.
+    plain = not sys.stdout.isatty() or "NO_COLOR" in os.environ
+    return Console(
+        no_color=plain, highlight=False, soft_wrap=False, width=200 if plain else None
+    )
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """A protobuf message as a dict with stable snake_case keys."""
+    return json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def print_table(
+    title: str | None, columns: Sequence[str], rows: list[list[str]]
+) -> None:
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console().print(table)
+
+
+def when(ts: float) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def pct(message: Message, field: str) -> str:
+    if not message.HasField(field):
+        return "?"
+    return f"{getattr(message, field) * 100:.0f}%"
+
+
+def gib(n: int) -> str:
+    return f"{n / 1024**3:.1f}"

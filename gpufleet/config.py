@@ -1,0 +1,185 @@
+"""Loading of the agent's and the broker's configuration files.
+
+A configuration is a tree of dataclasses. ``load_config`` fills one from a
+YAML mapping, then from ``GPUFLEET_<SECTION>_<FIELD>`` environment variables,
+then from explicit overrides (the CLI flags), and reports every problem at
+once, each naming its field, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from gpufleet.errors import ConfigError
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def load_config(
+    cls: type[T],
+    *,
+    path: Path | None = None,
+    env_prefix: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Builds ``cls`` from a YAML file, the environment and overrides.
+
+    Args:
+        cls: the dataclass to fill.
+        path: a YAML file; missing keys keep their defaults.
+        env_prefix: e.g. ``GPUFLEET_AGENT_``; ``GPUFLEET_AGENT_INTERVAL_S=2``
+            sets ``interval_s`` and ``GPUFLEET_AGENT_TLS__CA=...`` sets
+            ``tls.ca``.
+        overrides: dotted keys (``"replay.speedup"``) from the CLI; a value
+            of None leaves the field alone.
+        environ: the environment to read (tests pass their own).
+
+    Raises:
+        ConfigError: listing every invalid or unknown field.
+    """
+    source = str(path) if path else cls.__name__
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(source, [f"cannot read the file: {exc}"]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, ["the file must hold a mapping of fields"])
+        raw = loaded
+    if env_prefix:
+        env = os.environ if environ is None else environ
+        for key, value in env.items():
+            # <PREFIX>CONFIG names the file itself, not a field.
+            if key.startswith(env_prefix) and key != f"{env_prefix}CONFIG":
+                dotted = key[len(env_prefix) :].lower().replace("__", ".")
+                _set_dotted(raw, dotted, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    problems: list[str] = []
+    result = _build(cls, raw, "", problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return result
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type[T], raw: Any, where: str, problems: list[str]) -> T:
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where or 'top level'}: must be a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key)
+        field_path = f"{where}{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"; did you mean {where}{close[0]}?" if close else ""
+            problems.append(f"{field_path}: unknown field{hint}")
+            continue
+        kwargs[name] = _convert(hints[name], value, field_path, problems)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{where or 'top level'}: {exc}")
+        return cls()
+
+
+def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        empty = value is None or (isinstance(value, str) and value == "")
+        if empty and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where, problems)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{where}.", problems)  # type: ignore[arg-type]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            problems.append(f"{where}: must be a mapping, got {value!r}")
+            return {}
+        return {str(k): str(v) for k, v in value.items()}
+    if origin in (list, tuple):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            problems.append(f"{where}: must be a list, got {value!r}")
+            return []
+        conv = [
+            _convert(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(items)
+        ]
+        return tuple(conv) if origin is tuple else conv
+    return _scalar(tp, value, where, problems)
+
+
+def _scalar(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is Path:
+            return Path(str(value)).expanduser()
+        if tp is str:
+            if isinstance(value, dict | list):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        problems.append(f"{where}: must be {_article(name)}, got {value!r}")
+        return None
+    return value
+
+
+def _article(name: str) -> str:
+    words = {"int": "an integer", "float": "a number", "bool": "true or false"}
+    return words.get(name, f"a {name}")
+
+
+def require(problems: list[str], ok: bool, message: str) -> None:
+    """Adds ``message`` to ``problems`` unless ``ok``."""
+    if not ok:
+        problems.append(message)
