@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 from google.protobuf import json_format
+
 from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)

@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable
 
 import structlog
+
+import gpufleet
 from gpufleet.agent import sdnotify
 from gpufleet.agent.buffer import CommandLedger, TelemetryBuffer
 from gpufleet.agent.collectors.base import Collector, GpuSampler
@@ -24,8 +26,6 @@ from gpufleet.agent.identity import discover_identity
 from gpufleet.agent.processes import kill_gpu_processes
 from gpufleet.agent.session import BrokerSession
 from gpufleet.proto import PROTOCOL_VERSION, pb
-
-import gpufleet
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 import structlog
-from gpufleet.proto import pb
 
 from gpufleet.errors import ConfigError
+from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 

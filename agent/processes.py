@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+
 from gpufleet.agent.collectors.base import read_comm
 from gpufleet.proto import pb
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+
 from gpufleet.agent.buffer import CommandLedger, TelemetryBuffer
 from gpufleet.agent.config import AgentConfig
 from gpufleet.proto import MAX_MESSAGE_BYTES, pb, rpc

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from gpufleet.broker.policy import GroupPolicy, IdleRule
-
 from gpufleet.demo.score import (
     Score,
     Series,

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import structlog
+
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.events import SubscriberLaggedError
 from gpufleet.broker.fleet import HostState

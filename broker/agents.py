@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
+
+import gpufleet
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.fleet import GpuState, HostState, host_facts
 from gpufleet.broker.state import HostReaper
 from gpufleet.proto import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, pb, rpc
-
-import gpufleet
 
 log = structlog.stdlib.get_logger(__name__)
 

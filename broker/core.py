@@ -13,14 +13,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import structlog
+
 from gpufleet.broker.events import EventBus
 from gpufleet.broker.fleet import LIVE, Fleet, GpuState, HostState
 from gpufleet.broker.metrics import BrokerMetrics
 from gpufleet.broker.policy import FleetPolicy, load_policy
 from gpufleet.broker.store import Downsampler, Store
-from gpufleet.proto import pb
-
 from gpufleet.errors import ConfigError
+from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 

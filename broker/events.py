@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
+
 from gpufleet.broker.mqtt import MqttPublisher
 from gpufleet.broker.store import EventRecord, Store
-
 from gpufleet.errors import GpufleetError
 
 log = structlog.stdlib.get_logger(__name__)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import structlog
-from gpufleet.proto import pb
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -24,6 +23,8 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+
+from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -22,8 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import structlog
-from gpufleet.broker.store import EventRecord
 
+from gpufleet.broker.store import EventRecord
 from gpufleet.errors import ConfigError
 
 log = structlog.stdlib.get_logger(__name__)

@@ -17,9 +17,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from gpufleet.proto import pb
 
 from gpufleet.errors import ConfigError
+from gpufleet.proto import pb
 
 ACTIONS = ("notify", "kill-processes", "stop-instance", "terminate-instance")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

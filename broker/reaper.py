@@ -13,14 +13,14 @@ import time
 from collections.abc import Callable
 
 import structlog
+
 from gpufleet.broker.clouds import CloudActions, cloud_for
 from gpufleet.broker.core import BrokerCore, new_id
 from gpufleet.broker.fleet import LIVE, GpuState, HostState
 from gpufleet.broker.prices import PriceTable
 from gpufleet.broker.state import Decision, Observation
-from gpufleet.proto import pb
-
 from gpufleet.errors import GpufleetError
+from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 import structlog
+
+import gpufleet
 from gpufleet.agent import sdnotify
 from gpufleet.broker.admin import AdminServicer, TokenInterceptor
 from gpufleet.broker.agents import AgentServicer
@@ -30,8 +32,6 @@ from gpufleet.broker.prices import PriceTable
 from gpufleet.broker.reaper import Reaper
 from gpufleet.broker.store import Store
 from gpufleet.proto import MAX_MESSAGE_BYTES, rpc
-
-import gpufleet
 
 log = structlog.stdlib.get_logger(__name__)
 

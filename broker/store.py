@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from gpufleet.proto import pb
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -51,6 +50,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
 from gpufleet.errors import ConfigError, GpufleetError
+from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -13,7 +13,8 @@ def test_generated_proto_code_is_current(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location(
         "generate", ROOT / "proto" / "generate.py"
     )
-    assert spec and spec.loader
+    assert spec
+    assert spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.generate(tmp_path)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from gpufleet.agent.collectors.base import validate_processes
-from gpufleet.proto import pb
 
+from gpufleet.agent.collectors.base import validate_processes
 from gpufleet.errors import NoGpuLibraryError
+from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 

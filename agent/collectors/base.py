@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import structlog
+
 from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from gpufleet.agent.collectors.amd import AmdSmiCollector, import_amdsmi
 from gpufleet.agent.collectors.base import Collector
 from gpufleet.agent.collectors.nvml import NvmlCollector
@@ -20,7 +21,6 @@ from gpufleet.agent.collectors.replay import (
     from_alibaba,
     from_wide_csv,
 )
-
 from gpufleet.errors import ConfigError, NoGpuLibraryError
 
 log = structlog.stdlib.get_logger(__name__)

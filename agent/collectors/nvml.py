@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from gpufleet.agent.collectors.base import GpuLostError, validate_processes
 from gpufleet.proto import pb
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from gpufleet.proto import pb
 
 from gpufleet.errors import ConfigError
+from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from gpufleet.agent.collectors.amd import (
     AmdSmiCollector,
     import_amdsmi,
     parse_activity_pct,
     parse_power_info,
 )
-from gpufleet.proto import pb
-
 from gpufleet.errors import NoGpuLibraryError
+from gpufleet.proto import pb
 from tests.fakes import make_proc_root
 from tests.fakes.amdsmi import (
     AMDSMI_STATUS_UNEXPECTED_DATA,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from gpufleet.agent.collectors.amd import AmdSmiCollector
 from gpufleet.agent.collectors.detect import detect_collector
 from gpufleet.agent.collectors.nvml import NvmlCollector
 from gpufleet.agent.collectors.replay import ReplayCollector
-
 from gpufleet.errors import ConfigError, NoGpuLibraryError
 from tests.fakes.amdsmi import FakeAmdSmi, mi300x
 from tests.fakes.nvml import FakeNvml, h200_load

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 import pytest
-from gpufleet.agent.identity import discover_identity
 
+from gpufleet.agent.identity import discover_identity
 from gpufleet.errors import ConfigError
 from tests.fakes.metadata import (
     AWS_DEFAULT,

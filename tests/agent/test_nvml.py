@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+
 from gpufleet.agent.collectors.base import GpuLostError
 from gpufleet.agent.collectors.nvml import NvmlCollector
 from gpufleet.proto import pb
-
 from tests.fakes import make_proc_root
 from tests.fakes.nvml import MIB, FakeNvml, a10g, h100_idle, h200_load
 

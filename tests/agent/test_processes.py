@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from gpufleet.agent.collectors.base import read_comm
 from gpufleet.agent.processes import kill_gpu_processes
 from gpufleet.proto import pb

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from gpufleet.agent.collectors.replay import (
     ReplayCollector,
     ReplayGpu,
@@ -12,9 +13,8 @@ from gpufleet.agent.collectors.replay import (
     from_alibaba,
     from_wide_csv,
 )
-from gpufleet.proto import pb
-
 from gpufleet.errors import ConfigError
+from gpufleet.proto import pb
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIBABA = ROOT / "data/alibaba-genai-2026"

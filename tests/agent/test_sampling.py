@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from gpufleet.agent.collectors.base import GpuSampler
 from gpufleet.agent.collectors.nvml import NvmlCollector
 from gpufleet.proto import pb
-
 from tests.fakes import make_proc_root
 from tests.fakes.nvml import FakeNvml, h100_idle
 

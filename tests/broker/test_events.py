@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+
 from gpufleet.broker.events import EventBus, SubscriberLaggedError
 from gpufleet.broker.mqtt import MqttPublisher
 from gpufleet.broker.store import EventRecord, Store

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from gpufleet.broker.metrics import (
     UNIT_SUFFIXES,
     UNITLESS_NAMES,
@@ -13,7 +15,6 @@ from gpufleet.broker.metrics import (
     check_metric_name,
 )
 from gpufleet.proto import pb
-from prometheus_client.parser import text_string_to_metric_families
 
 INFO = pb.GpuInfo(
     uuid="GPU-aaaa", index=3, name="NVIDIA H100", mem_total_bytes=80 * 2**30

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+
 from gpufleet.broker.events import EventBus
 from gpufleet.broker.mqtt import (
     MqttPublisher,
@@ -17,7 +18,6 @@ from gpufleet.broker.mqtt import (
     parse_mqtt_url,
 )
 from gpufleet.broker.store import Store
-
 from gpufleet.errors import ConfigError
 
 

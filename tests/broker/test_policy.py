@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from gpufleet.broker.policy import (
     DEFAULT_POLICY_YAML,
     FleetPolicy,
@@ -14,7 +15,6 @@ from gpufleet.broker.policy import (
     default_policy,
     load_policy,
 )
-
 from gpufleet.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

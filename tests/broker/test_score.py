@@ -6,8 +6,8 @@ import itertools
 from pathlib import Path
 
 import pytest
-from gpufleet.broker.policy import GroupPolicy, IdleRule
 
+from gpufleet.broker.policy import GroupPolicy, IdleRule
 from gpufleet.demo.score import (
     Score,
     SimAction,

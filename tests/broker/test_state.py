@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
 from gpufleet.broker.policy import (
     Exemptions,
     GroupPolicy,
@@ -25,9 +26,8 @@ from gpufleet.broker.state import (
     ProcessInfo,
     in_window,
 )
-from gpufleet.proto import pb
-
 from gpufleet.demo.score import load_pod_series
+from gpufleet.proto import pb
 
 REPO = Path(__file__).resolve().parents[2]
 TRACE = REPO / "data" / "alibaba-genai-2026" / "pod_gpu_duty_cycle_sample.csv"

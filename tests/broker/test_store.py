@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from gpufleet.broker.store import (
     Downsampler,
     HistoryRow,
@@ -15,9 +16,8 @@ from gpufleet.broker.store import (
     StoreError,
     normalise_url,
 )
-from gpufleet.proto import pb
-
 from gpufleet.errors import ConfigError
+from gpufleet.proto import pb
 
 
 def _identity(host_id: str = "i-0abc") -> pb.HostIdentity:

@@ -53,7 +53,9 @@ class AdminAio:
         async with grpc.aio.insecure_channel(self.addr) as channel:
             stub = rpc.AdminServiceStub(channel)
             return await getattr(stub, method)(
-                request, timeout=5, metadata=(("authorization", f"Bearer {self.token}"),)
+                request,
+                timeout=5,
+                metadata=(("authorization", f"Bearer {self.token}"),),
             )
 
 
@@ -78,7 +80,9 @@ async def start_broker(
     stop, ready, bound = asyncio.Event(), asyncio.Event(), {}
     task = asyncio.create_task(run_broker(cfg, stop=stop, ready=ready, bound=bound))
     waiter = asyncio.create_task(ready.wait())
-    done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when="FIRST_COMPLETED")
+    done, _ = await asyncio.wait(
+        {task, waiter}, timeout=15, return_when="FIRST_COMPLETED"
+    )
     if task in done:
         waiter.cancel()
         task.result()
@@ -102,7 +106,9 @@ class AgentHandle:
             await asyncio.wait_for(self.task, 15)
 
 
-def agent_config(tmp_path: Path, broker: str, name: str, **overrides: Any) -> AgentConfig:
+def agent_config(
+    tmp_path: Path, broker: str, name: str, **overrides: Any
+) -> AgentConfig:
     identity = overrides.pop("identity", IdentityConfig(discover=False))
     cfg = AgentConfig(
         broker=broker,
@@ -121,9 +127,7 @@ def agent_config(tmp_path: Path, broker: str, name: str, **overrides: Any) -> Ag
 async def start_agent(cfg: AgentConfig, collector: Collector) -> AgentHandle:
     stop = asyncio.Event()
     holder: list[daemon.Agent] = []
-    task = asyncio.create_task(
-        daemon.run(cfg, collector, stop=stop, agent_out=holder)
-    )
+    task = asyncio.create_task(daemon.run(cfg, collector, stop=stop, agent_out=holder))
     await eventually(lambda: bool(holder) and holder[0].first_sample.is_set())
     return AgentHandle(stop, task, holder)
 
@@ -150,7 +154,9 @@ async def events_of(broker: BrokerHandle, kind_prefix: str = "") -> list[pb.Even
 
 
 @pytest.fixture
-async def broker_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[BrokerHandle]]]:
+async def broker_factory(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[BrokerHandle]]]:
     started: list[BrokerHandle] = []
 
     async def make(**kwargs: Any) -> BrokerHandle:

@@ -13,7 +13,7 @@ import pytest
 from gpufleet.agent.collectors.nvml import NvmlCollector
 from gpufleet.agent.collectors.replay import ReplayCollector, from_wide_csv
 from gpufleet.proto import pb
-from tests.e2e.conftest import CASES, agent_config, eventually, events_of
+from tests.e2e.conftest import CASES, agent_config, events_of, eventually
 from tests.fakes.nvml import FakeNvml, a10g
 
 NOTIFY_POLICY = """\
@@ -130,9 +130,9 @@ async def test_fleet_busy_gpu_is_never_acted_on(
     tmp_path: Path, broker_factory, agent_factory
 ) -> None:
     gpu = a10g(util_pct=85, mem_util_pct=40)
-    policy = NOTIFY_POLICY.replace("grace_window_s: 600", "grace_window_s: 0.2").replace(
-        "warn_before_s: 120", "warn_before_s: 0.1"
-    )
+    policy = NOTIFY_POLICY.replace(
+        "grace_window_s: 600", "grace_window_s: 0.2"
+    ).replace("warn_before_s: 120", "warn_before_s: 0.1")
     broker = await broker_factory(policy=policy)
     handle = await agent_factory(
         agent_config(tmp_path, broker.addr, "busy"), NvmlCollector(FakeNvml([gpu]))
