@@ -80,6 +80,10 @@ class AgentConfig:
     # often; see broker/server.py, which sets the matching server options.
     keepalive_time_s: float = 20.0
     keepalive_timeout_s: float = 10.0
+    # A stream on which nothing came back for this long is dead, even if
+    # keepalive has not noticed; None: four heartbeat intervals, at least
+    # 15 s (see session.STALL_INTERVALS).
+    stall_after_s: float | None = None
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -87,9 +91,9 @@ class AgentConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     log_level: str = "info"
 
-    def validate(self, source: str) -> None:
-        """Raises ConfigError listing every inconsistent field."""
-        p: list[str] = []
+    def validate(self, source: str, problems: list[str] | None = None) -> None:
+        """Raises ConfigError listing ``problems`` and every inconsistent field."""
+        p: list[str] = list(problems or [])
         require(
             p,
             self.collector in COLLECTORS,
@@ -153,8 +157,13 @@ def load_agent_config(
     path: Path | None, overrides: dict[str, object] | None = None
 ) -> AgentConfig:
     """Loads and validates the agent configuration."""
+    problems: list[str] = []
     cfg = load_config(
-        AgentConfig, path=path, env_prefix="GPUFLEET_AGENT_", overrides=overrides
+        AgentConfig,
+        path=path,
+        env_prefix="GPUFLEET_AGENT_",
+        overrides=overrides,
+        problems=problems,
     )
-    cfg.validate(str(path) if path else "agent configuration")
+    cfg.validate(str(path) if path else "agent configuration", problems)
     return cfg

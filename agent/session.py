@@ -205,7 +205,9 @@ class BrokerSession:
         while True:
             await asyncio.sleep(self._cfg.batch_interval_s)
             now = time.monotonic()
-            stall_s = max(STALL_INTERVALS * self.heartbeat_interval_s, 15.0)
+            stall_s = self._cfg.stall_after_s or max(
+                STALL_INTERVALS * self.heartbeat_interval_s, 15.0
+            )
             if now - self._last_rx > stall_s:
                 raise StreamStalledError(
                     f"nothing from the broker for {now - self._last_rx:.0f} s"

@@ -75,9 +75,9 @@ class BrokerConfig:
     def token_path(self) -> Path:
         return self.admin_token_file or self.state_dir / "admin.token"
 
-    def validate(self, source: str) -> None:
-        """Raises ConfigError listing every inconsistent field."""
-        p: list[str] = []
+    def validate(self, source: str, problems: list[str] | None = None) -> None:
+        """Raises ConfigError listing ``problems`` and every inconsistent field."""
+        p: list[str] = list(problems or [])
         for name in ("listen", "metrics_listen"):
             value = getattr(self, name)
             require(
@@ -149,8 +149,13 @@ def load_broker_config(
     path: Path | None, overrides: dict[str, object] | None = None
 ) -> BrokerConfig:
     """Loads and validates the broker configuration."""
+    problems: list[str] = []
     cfg = load_config(
-        BrokerConfig, path=path, env_prefix="GPUFLEET_BROKER_", overrides=overrides
+        BrokerConfig,
+        path=path,
+        env_prefix="GPUFLEET_BROKER_",
+        overrides=overrides,
+        problems=problems,
     )
-    cfg.validate(str(path) if path else "broker configuration")
+    cfg.validate(str(path) if path else "broker configuration", problems)
     return cfg

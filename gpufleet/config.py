@@ -34,6 +34,7 @@ def load_config(
     env_prefix: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    problems: list[str] | None = None,
 ) -> T:
     """Builds ``cls`` from a YAML file, the environment and overrides.
 
@@ -46,6 +47,8 @@ def load_config(
         overrides: dotted keys (``"replay.speedup"``) from the CLI; a value
             of None leaves the field alone.
         environ: the environment to read (tests pass their own).
+        problems: when given, problems are appended here instead of raised,
+            so that the caller can add its own checks to one report.
 
     Raises:
         ConfigError: listing every invalid or unknown field.
@@ -72,10 +75,12 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, key, value)
-    problems: list[str] = []
-    result = _build(cls, raw, "", problems)
-    if problems:
-        raise ConfigError(source, problems)
+    found: list[str] = []
+    result = _build(cls, raw, "", found)
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        raise ConfigError(source, found)
     return result
 
 
@@ -106,7 +111,12 @@ def _build(cls: type[T], raw: Any, where: str, problems: list[str]) -> T:
             hint = f"; did you mean {where}{close[0]}?" if close else ""
             problems.append(f"{field_path}: unknown field{hint}")
             continue
-        kwargs[name] = _convert(hints[name], value, field_path, problems)
+        before = len(problems)
+        converted = _convert(hints[name], value, field_path, problems)
+        # A field that failed keeps its default, so that later checks of the
+        # whole configuration see well-typed values.
+        if len(problems) == before:
+            kwargs[name] = converted
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

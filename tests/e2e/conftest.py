@@ -68,15 +68,15 @@ async def start_broker(
     if policy is not None:
         policy_file = tmp_path / "policy.yaml"
         policy_file.write_text(policy)
-    cfg = BrokerConfig(
-        listen=f"127.0.0.1:{port}",
-        metrics_listen="127.0.0.1:0",
-        state_dir=state,
-        admin_token=TOKEN,
-        heartbeat_interval_s=0.5,
-        policy_file=policy_file,
-        **overrides,
-    )
+    settings: dict[str, Any] = {
+        "listen": f"127.0.0.1:{port}",
+        "metrics_listen": "127.0.0.1:0",
+        "state_dir": state,
+        "admin_token": TOKEN,
+        "heartbeat_interval_s": 0.5,
+        "policy_file": policy_file,
+    }
+    cfg = BrokerConfig(**(settings | overrides))
     stop, ready, bound = asyncio.Event(), asyncio.Event(), {}
     task = asyncio.create_task(run_broker(cfg, stop=stop, ready=ready, bound=bound))
     waiter = asyncio.create_task(ready.wait())
