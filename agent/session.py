@@ -27,6 +27,8 @@ log = structlog.stdlib.get_logger(__name__)
 Executor = Callable[[pb.Command], Awaitable[pb.CommandResult]]
 Spawn = Callable[[Awaitable[None]], None]
 
+# Limitation L-004 (docs/limitations.md#l-004): this check, not HTTP/2
+# keepalive, is what ends a black-holed stream.
 # The broker answers every batch; a stream on which nothing has come back
 # for this many heartbeat intervals is treated as dead even if TCP and
 # HTTP/2 keepalive have not noticed yet.

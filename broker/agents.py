@@ -87,6 +87,8 @@ class AgentServicer(rpc.AgentServiceServicer):
             await self._unregister(host, session_id)
 
     async def _register(self, hello: pb.Hello) -> HostState:
+        # Limitation L-001 (docs/limitations.md#l-001): the host id is taken
+        # from the hello; a client certificate is not bound to it.
         core = self.core
         identity = hello.host
         host = core.fleet.hosts.get(identity.host_id)

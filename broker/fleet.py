@@ -93,7 +93,11 @@ def host_facts(identity: pb.HostIdentity, labels: Mapping[str, str]) -> HostFact
 
 
 class Fleet:
-    """All hosts the broker knows, by host id."""
+    """All hosts the broker knows, by host id.
+
+    Limitation L-018 (docs/limitations.md#l-018): this view lives in one
+    broker's memory.
+    """
 
     def __init__(self, base_heartbeat_s: float, lost_after_intervals: int) -> None:
         self.hosts: dict[str, HostState] = {}

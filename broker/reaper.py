@@ -263,6 +263,8 @@ class Reaper:
         core = self.core
         await core.store.update_action(action_id, state=state, detail=detail)
         kind = host.open_action_kind
+        # Limitation L-015 (docs/limitations.md#l-015): only instance actions
+        # stay open and save money.
         if state != "done" or kind not in INSTANCE_ACTIONS:
             # Only an instance action stays open (it saves until the host is
             # back); the others end here.

@@ -45,7 +45,9 @@ def configure(level: str = "info", *, node_id: str | None = None) -> None:
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # Off, so that a later configure() (the CLI sets a default level, a
+        # daemon command its own) reaches loggers that were already used.
+        cache_logger_on_first_use=False,
     )
     if node_id:
         structlog.contextvars.bind_contextvars(node_id=node_id)

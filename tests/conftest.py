@@ -134,3 +134,11 @@ def mqtt_url() -> str:
     if not _port_answers(host, port):
         _unavailable(f"no MQTT broker answers at {host}:{port}")
     return url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logs_on_stderr() -> None:
+    """Logs go to stderr as in the daemons, so stdout holds only CLI output."""
+    from gpufleet import logs
+
+    logs.configure("debug")

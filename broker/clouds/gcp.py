@@ -66,6 +66,9 @@ _PERMISSIONS = {
 def gce_instance_name(host: pb.HostIdentity) -> str:
     """Returns the GCE instance name for a host identity.
 
+    Limitation L-011 (docs/limitations.md#l-011): the name is guessed from
+    the instance id or the hostname.
+
     Raises:
         CloudActionError: neither ``instance_id`` nor ``hostname`` holds a
             valid GCE instance name.

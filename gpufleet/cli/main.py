@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 import gpufleet
+from gpufleet import logs
 from gpufleet.cli.client import DEFAULT_BROKER, ClientOptions
 from gpufleet.errors import (
     AuthError,
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the CLI and returns the exit code; only here is sys.exit called."""
     _register()
     debug = "--debug" in (argv if argv is not None else sys.argv)
+    # stdout carries the result alone: whatever logs before a command sets
+    # its own level goes to stderr.
+    logs.configure("debug" if debug else "warning")
     try:
         cli.main(args=argv, prog_name="gpufleet", standalone_mode=False)
     except click.exceptions.Abort:

@@ -209,3 +209,67 @@ async def test_fleet_buffer_survives_broker_outage(
 
     await eventually(outage_samples_arrived)
     assert handle.agent.buffer.dropped_total == 0
+
+
+async def test_fleet_metrics_endpoint_exports_gpu_and_host_series(
+    tmp_path: Path, broker_factory, agent_factory
+) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    broker = await broker_factory(policy=NOTIFY_POLICY)
+    handle = await agent_factory(
+        agent_config(tmp_path, broker.addr, "prom"),
+        NvmlCollector(FakeNvml([a10g(util_pct=37)])),
+    )
+    await eventually(lambda: handle.agent.samples_total > 5)
+    url = f"http://127.0.0.1:{broker.metrics_port}/metrics"
+
+    async def scraped() -> dict[str, float]:
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(url)).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.labels.get("host") == "prom":
+                    out[s.name] = s.value
+        return out
+
+    await eventually(lambda: _has_series(scraped, "gpufleet_gpu_utilization_ratio"))
+    series = await scraped()
+    assert series["gpufleet_gpu_utilization_ratio"] == pytest.approx(0.37)
+    assert series["gpufleet_host_up"] == 1.0
+    assert "gpufleet_gpu_power_watts" in series
+
+
+async def _has_series(scrape, name: str) -> bool:
+    return name in await scrape()
+
+
+async def test_fleet_follow_events_streams_new_events(
+    tmp_path: Path, broker_factory, agent_factory
+) -> None:
+    import grpc
+
+    from gpufleet.proto import rpc
+    from tests.e2e.conftest import TOKEN
+
+    broker = await broker_factory(policy=NOTIFY_POLICY)
+    seen: list[str] = []
+    async with grpc.aio.insecure_channel(broker.addr) as channel:
+        stub = rpc.AdminServiceStub(channel)
+        call = stub.FollowEvents(
+            pb.ListEventsRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),)
+        )
+        await agent_factory(
+            agent_config(tmp_path, broker.addr, "late"),
+            NvmlCollector(FakeNvml([a10g()])),
+        )
+        async with asyncio.timeout(10):
+            async for event in call:
+                seen.append(event.kind)
+                if event.kind == "host.connected":
+                    break
+        call.cancel()
+    assert seen[0] == "broker.started"
+    assert seen[-1] == "host.connected"
