@@ -17,8 +17,9 @@ of steady state: connected agents, samples/s the broker counted
 (``gpufleet_broker_telemetry_samples_total`` on /metrics), batches acked
 later than 2 s, broker CPU (% of one core) and RSS, admin p50/p99. The ramp
 stops after a step where the broker could not keep up (over 1 % of batches
-late, or under 95 % of the samples sent counted) or admin p99 exceeded
-200 ms.
+late, under 95 % of the samples sent counted, or its core saturated at
+95 % CPU) or admin p99 exceeded 200 ms (``--keep-going``: ramp on past a
+slow admin API).
 
 On Linux with 2 or more CPUs the broker is pinned to CPU 0 and the simulator
 and this process to CPU 1, so that load generation does not take the
@@ -64,6 +65,7 @@ DEFAULT_STEPS = "250,500,1000,2000,4000,10000"
 LATE_AFTER_S = 2.0
 MAX_LATE_RATIO = 0.01
 MIN_RECEIVED_RATIO = 0.95
+SATURATED_CPU_PCT = 95.0
 ADMIN_P99_LIMIT_S = 0.200
 MAX_IN_FLIGHT = 16
 CONNECT_CONCURRENCY = 200
@@ -223,8 +225,8 @@ class Simulator:
             )
         return self.channels[index // self.agents_per_channel]
 
-    async def grow_to(self, target: int) -> dict[str, float]:
-        """Connects agents until ``target`` streams are open."""
+    async def grow_to(self, target: int, timeout_s: float) -> dict[str, float]:
+        """Connects agents until ``target`` streams are open or time is up."""
         started = time.monotonic()
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
         new = [
@@ -235,19 +237,26 @@ class Simulator:
 
         async def connect(agent: SimAgent) -> None:
             async with gate:
-                await agent.connect()
+                try:
+                    await agent.connect()
+                except BaseException:
+                    if agent.call is not None:
+                        agent.call.cancel()
+                    raise
 
-        results = await asyncio.gather(
-            *(connect(a) for a in new), return_exceptions=True
-        )
-        failed = sum(1 for r in results if isinstance(r, BaseException))
+        tasks = [asyncio.create_task(connect(a)) for a in new]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         for agent in new:
             if agent.alive:
                 self._spawn(agent.send_loop(random.random(), self.stats), agent)
                 self._spawn(agent.read_loop(self.stats), agent)
         return {
             "connected": sum(1 for a in self.agents if a.alive),
-            "failed": failed,
+            "failed": sum(1 for a in new if not a.alive),
             "connect_s": time.monotonic() - started,
         }
 
@@ -313,7 +322,7 @@ async def simulate(broker_addr: str, agents_per_channel: int) -> None:
     while line := await reader.readline():
         command = json.loads(line)
         if command["cmd"] == "grow":
-            reply = await sim.grow_to(int(command["n"]))
+            reply = await sim.grow_to(int(command["n"]), command["timeout_s"])
         elif command["cmd"] == "mark":
             reply = sim.mark()
         elif command["cmd"] == "report":
@@ -395,7 +404,9 @@ async def admin_loop(
         name, method, request = calls[turn % len(calls)]
         turn += 1
         started = time.perf_counter()
-        await method(request, metadata=metadata, timeout=30)
+        # A failed call (a deadline, say) counts with the time it took.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await method(request, metadata=metadata, timeout=30)
         latencies[name].append(time.perf_counter() - started)
         await asyncio.sleep(pause_s)
     return latencies
@@ -415,7 +426,10 @@ class StepContext:
 
 async def measure_step(ctx: StepContext, n: int) -> Row:
     """Grows the fleet to ``n`` agents, then measures a steady window."""
-    grow = await ctx.sim.ask({"cmd": "grow", "n": n}, timeout_s=CONNECT_TIMEOUT_S)
+    grow = await ctx.sim.ask(
+        {"cmd": "grow", "n": n, "timeout_s": CONNECT_TIMEOUT_S},
+        timeout_s=CONNECT_TIMEOUT_S + 60,
+    )
     await asyncio.sleep(SETTLE_S)
     await ctx.sim.ask({"cmd": "mark"}, timeout_s=30)
     url = ctx.broker.metrics_url
@@ -460,6 +474,11 @@ def ingest_problems(row: Row) -> str:
         reasons.append(f"{row['batches_late']:.0f} batches acked after 2 s or never")
     if row["received_per_s"] < MIN_RECEIVED_RATIO * row["samples_sent_per_s"]:
         reasons.append("the broker counted < 95 % of the samples sent")
+    if row["broker_cpu_pct"] >= SATURATED_CPU_PCT:
+        reasons.append(
+            f"broker CPU {row['broker_cpu_pct']:.0f} % of its core: saturated, "
+            "a larger fleet can only fall behind"
+        )
     return "; ".join(reasons)
 
 
@@ -505,48 +524,57 @@ def pick_cpus(pin: bool) -> tuple[int | None, int | None]:
     return cpus[0], cpus[1]
 
 
-async def ramp(args: argparse.Namespace, state_dir: Path) -> list[Row]:
-    """Runs every step until the broker falls behind; returns the rows."""
-    broker_cpu, load_cpu = pick_cpus(not args.no_pin)
-    if load_cpu is not None:
-        os.sched_setaffinity(0, {load_cpu})
-    broker = start_broker(state_dir, cpu=broker_cpu)
-    sim = await SimProcess.start(broker.grpc_addr, args.agents_per_channel, load_cpu)
-    admin_channel = grpc.aio.insecure_channel(broker.grpc_addr)
-    ctx = StepContext(
-        broker,
-        psutil.Process(broker.proc.pid),
-        sim,
-        admin_channel,
-        args.seconds,
-        args.admin_pause,
-    )
-    pinning = (
-        f"broker on CPU {broker_cpu}, simulator and admin client on CPU {load_cpu}"
-        if load_cpu is not None
-        else "no CPU pinning"
-    )
-    print(
-        f"{pinning}; {args.agents_per_channel} streams per channel; "
-        f"{args.seconds:.0f} s steady state per step\n"
-    )
+async def run_steps(ctx: StepContext, args: argparse.Namespace) -> list[Row]:
+    """Measures each step in turn, printing its row; stops when one fails."""
     print(HEADER)
     print("|" + "---|" * HEADER.count(" | ") + "---|")
     rows: list[Row] = []
-    try:
-        for n in args.steps:
-            row = await measure_step(ctx, n)
-            ingest, admin = ingest_problems(row), admin_problem(row)
-            row["problems"] = "; ".join(p for p in (ingest, admin) if p)
-            rows.append(row)
-            print(format_row(row), flush=True)
-            if ingest or (admin and not args.keep_going):
-                break
-    finally:
-        await sim.stop()
-        await admin_channel.close()
-        stop_process(broker.proc)
+    for n in args.steps:
+        row = await measure_step(ctx, n)
+        ingest, admin = ingest_problems(row), admin_problem(row)
+        row["problems"] = "; ".join(p for p in (ingest, admin) if p)
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if ingest or (admin and not args.keep_going):
+            break
     return rows
+
+
+async def ramp(args: argparse.Namespace, state_dir: Path) -> list[Row]:
+    """Starts the broker and the simulator, runs the steps, stops both."""
+    broker_cpu, load_cpu = pick_cpus(not args.no_pin)
+    if load_cpu is not None:
+        os.sched_setaffinity(0, {load_cpu})
+        print(
+            f"broker on CPU {broker_cpu}, simulator and admin client on CPU {load_cpu}"
+        )
+    else:
+        print("no CPU pinning")
+    print(
+        f"{args.agents_per_channel} streams per channel; "
+        f"{args.seconds:.0f} s steady state per step\n"
+    )
+    broker = start_broker(state_dir, cpu=broker_cpu)
+    try:
+        sim = await SimProcess.start(
+            broker.grpc_addr, args.agents_per_channel, load_cpu
+        )
+        admin_channel = grpc.aio.insecure_channel(broker.grpc_addr)
+        ctx = StepContext(
+            broker,
+            psutil.Process(broker.proc.pid),
+            sim,
+            admin_channel,
+            args.seconds,
+            args.admin_pause,
+        )
+        try:
+            return await run_steps(ctx, args)
+        finally:
+            await sim.stop()
+            await admin_channel.close()
+    finally:
+        stop_process(broker.proc)
 
 
 def print_summary(rows: list[Row]) -> None:

@@ -99,6 +99,11 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 if [[ -d "$WHEELS" ]]; then
     echo "installing from the wheels in $WHEELS (no package index)"
     PIP+=(--no-index --find-links "$WHEELS" --no-build-isolation)
+    # The editable build needs setuptools >= 69 in the environment itself.
+    "${PIP[@]}" setuptools wheel
+else
+    # Fail fast where no index answers, rather than retrying for minutes.
+    PIP+=(--retries 1 --timeout 10)
 fi
 "${PIP[@]}" -e ".[agent,broker,nvidia]" "${TEST_DEPS[@]}"
 "$VENV/bin/python" -c 'import gpufleet, grpc, pynvml; print("gpufleet", gpufleet.__version__, "grpcio", grpc.__version__)'

@@ -68,23 +68,32 @@ class AdminServicer(rpc.AdminServiceServicer):
         self.core = core
 
     async def ListHosts(self, request, context):  # type: ignore[no-untyped-def]
-        hosts = []
-        live = self.core.fleet.hosts
-        for record in await self.core.store.list_hosts():
-            state = live.get(record.host_id)
-            identity = state.identity if state else _identity_of(record)
-            hosts.append(
-                pb.HostView(
-                    identity=identity,
-                    status=state.status if state else record.status,
-                    last_seen_s=state.last_seen_s if state else record.last_seen_s,
-                    agent_version=record.agent_version,
-                    labels=record.labels,
-                    gpu_count=len(state.gpus) if state else 0,
-                    dropped_samples_total=(state.dropped_samples_total if state else 0),
-                    policy_group=self._group_of(state),
-                )
+        # Answered from memory: hosts seen since the broker started are in the
+        # fleet view, the others were loaded from the store once at start.
+        hosts = [
+            pb.HostView(
+                identity=h.identity,
+                status=h.status,
+                last_seen_s=h.last_seen_s,
+                agent_version=h.agent_version,
+                labels=h.labels,
+                gpu_count=len(h.gpus),
+                dropped_samples_total=h.dropped_samples_total,
+                policy_group=self._group_of(h),
             )
+            for h in self.core.fleet.hosts.values()
+        ]
+        hosts.extend(
+            pb.HostView(
+                identity=_identity_of(r),
+                status=r.status,
+                last_seen_s=r.last_seen_s,
+                agent_version=r.agent_version,
+                labels=r.labels,
+            )
+            for r in self.core.offline_hosts.values()
+        )
+        hosts.sort(key=lambda v: v.identity.host_id)
         return pb.ListHostsResponse(hosts=hosts)
 
     def _group_of(self, host: HostState | None) -> str:

@@ -18,7 +18,7 @@ from gpufleet.broker.events import EventBus
 from gpufleet.broker.fleet import LIVE, Fleet, GpuState, HostState
 from gpufleet.broker.metrics import BrokerMetrics
 from gpufleet.broker.policy import FleetPolicy, load_policy
-from gpufleet.broker.store import Downsampler, Store
+from gpufleet.broker.store import Downsampler, HostRecord, Store
 from gpufleet.errors import ConfigError
 from gpufleet.proto import pb
 
@@ -56,8 +56,17 @@ class BrokerCore:
         self.downsampler = Downsampler(bucket_s=history_bucket_s)
         self.pending_history: list[object] = []
         self._spawn: Spawn | None = None
+        # Hosts known from the store that have not connected since the
+        # broker started; see load_offline_hosts.
+        self.offline_hosts: dict[str, HostRecord] = {}
         # Set by the server once the reaper exists (it needs the core).
         self.reaper: object | None = None
+
+    async def load_offline_hosts(self) -> None:
+        """Reads the hosts the store knows, once, for the admin API."""
+        for record in await self.store.list_hosts():
+            if record.host_id not in self.fleet.hosts:
+                self.offline_hosts[record.host_id] = record
 
     def bind_spawn(self, spawn: Spawn) -> None:
         self._spawn = spawn
@@ -70,6 +79,7 @@ class BrokerCore:
     # ------------------------------------------------------------ sessions
 
     async def host_connected(self, host: HostState, hello: pb.Hello) -> None:
+        self.offline_hosts.pop(host.host_id, None)
         previous = await self.store.set_host_status(host.host_id, LIVE, time.time())
         await self.store.upsert_host(
             host.identity,
@@ -139,10 +149,17 @@ class BrokerCore:
         for gpu, sample in pairs:
             previous = gpu.last
             gpu.last = sample
-            gpu.recent.append(sample)
+            gpu.recent.append(
+                (
+                    sample.timestamp_s,
+                    sample.util_ratio if sample.HasField("util_ratio") else None,
+                    sample.sm_active_ratio
+                    if sample.HasField("sm_active_ratio")
+                    else None,
+                )
+            )
             if sample.timestamp_s > host.newest_sample_s:
                 host.newest_sample_s = sample.timestamp_s
-            self.metrics.observe_sample(host.host_id, gpu.info, sample)
             self.pending_history.extend(self.downsampler.add(host.host_id, sample))
             if sample.health != pb.GPU_HEALTH_OK and (
                 previous is None or previous.health != sample.health
@@ -154,6 +171,11 @@ class BrokerCore:
                     cause="collector",
                     detail=sample.health_detail,
                 )
+        # Gauges show the newest value; a batch holding many samples of one
+        # GPU (a replay, or a backlog after an outage) sets each gauge once.
+        newest = {gpu.info.uuid: (gpu, sample) for gpu, sample in pairs}
+        for gpu, sample in newest.values():
+            self.metrics.observe_sample(host.host_id, gpu.info, sample)
         if self.reaper is not None:
             await self.reaper.observe(host, pairs)  # type: ignore[attr-defined]
 

@@ -17,9 +17,12 @@ from gpufleet.broker.policy import HostFacts
 from gpufleet.broker.state import HostReaper
 from gpufleet.proto import pb
 
-# Samples kept per GPU in memory for the admin API; history beyond this is
-# in the store, downsampled.
+# Recent activity kept per GPU in memory, as (timestamp_s, util_ratio,
+# sm_active_ratio) tuples: a full GpuSample costs about 1.6 KiB, which at
+# 10,000 GPUs and two minutes of samples would be gigabytes. History beyond
+# this is in the store, downsampled.
 RECENT_SAMPLES = 120
+RecentPoint = tuple[float, float | None, float | None]
 
 # Statuses in which the host's telemetry is live and policies may act.
 LIVE = "connected"
@@ -31,7 +34,7 @@ class GpuState:
 
     info: pb.GpuInfo
     last: pb.GpuSample | None = None
-    recent: collections.deque[pb.GpuSample] = field(
+    recent: collections.deque[RecentPoint] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_SAMPLES)
     )
     idle_s: float = 0.0

@@ -77,6 +77,12 @@ class Reaper:
             )
             if decision.kind != "none":
                 await self._handle(host, group, decision)
+        for uuid in {gpu.info.uuid for gpu, _ in pairs}:
+            since = host.reaper.idle_since_s(uuid)
+            idle_s = None if since is None else host.newest_sample_s - since
+            self.core.metrics.set_idle_seconds(
+                host.host_id, host.gpus[uuid].info, idle_s
+            )
 
     def _account_idle(self, host: HostState, gpu: GpuState, obs: Observation) -> None:
         idle = host.reaper.is_gpu_idle(obs.gpu_uuid)

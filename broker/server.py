@@ -136,6 +136,7 @@ async def run_broker(
         policy_applied_at_s=applied_at,
         history_bucket_s=cfg.history_bucket_s,
     )
+    await core.load_offline_hosts()
     core.reaper = Reaper(
         core,
         prices=PriceTable.load(cfg.prices_file),

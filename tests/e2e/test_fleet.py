@@ -240,6 +240,8 @@ async def test_fleet_metrics_endpoint_exports_gpu_and_host_series(
     assert series["gpufleet_gpu_utilization_ratio"] == pytest.approx(0.37)
     assert series["gpufleet_host_up"] == 1.0
     assert "gpufleet_gpu_power_watts" in series
+    # The GPU is busy: it has no idle series (absent, not zero).
+    assert "gpufleet_gpu_idle_seconds" not in series
 
 
 async def _has_series(scrape, name: str) -> bool:
