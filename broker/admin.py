@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import structlog
 
+from gpufleet.broker.admin_jobs import JobsMixin
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.events import SubscriberLaggedError
 from gpufleet.broker.fleet import HostState
@@ -61,7 +62,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-class AdminServicer(rpc.AdminServiceServicer):
+class AdminServicer(JobsMixin, rpc.AdminServiceServicer):
     """Serves the CLI's questions and commands."""
 
     def __init__(self, core: BrokerCore) -> None:

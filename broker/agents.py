@@ -150,6 +150,10 @@ class AgentServicer(rpc.AgentServiceServicer):
                 await core.command_acked(host, message.command_ack.command_id)
             elif kind == "command_result":
                 await core.command_finished(host, message.command_result)
+            elif kind == "notice":
+                await core.notice(host, message.notice)
+            elif kind == "job_update":
+                await core.job_update(host, message.job_update)
             else:
                 core.metrics.count_rejected("unknown-message")
                 log.warning("agent.unknown_message", kind=kind)

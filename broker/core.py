@@ -11,9 +11,11 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
+from gpufleet.broker import jobstore as _jobstore  # noqa: F401  (its tables)
 from gpufleet.broker.events import EventBus
 from gpufleet.broker.fleet import LIVE, Fleet, GpuState, HostState
 from gpufleet.broker.metrics import BrokerMetrics
@@ -59,8 +61,10 @@ class BrokerCore:
         # Hosts known from the store that have not connected since the
         # broker started; see load_offline_hosts.
         self.offline_hosts: dict[str, HostRecord] = {}
-        # Set by the server once the reaper exists (it needs the core).
+        # Set by the server once the reaper and the job manager exist (they
+        # need the core).
         self.reaper: object | None = None
+        self.jobs: Any = None
 
     async def load_offline_hosts(self) -> None:
         """Reads the hosts the store knows, once, for the admin API."""
@@ -185,6 +189,34 @@ class BrokerCore:
             await self.store.append_history(rows)  # type: ignore[arg-type]
         return len(rows)
 
+    # ---------------------------------------------------------------- jobs
+
+    async def notice(self, host: HostState, notice: pb.PreemptionNoticeReport) -> None:
+        log.warning(
+            "host.notice",
+            host_id=host.host_id,
+            kind=notice.kind,
+            deadline_s=notice.deadline_s,
+            evacuate=notice.evacuate,
+        )
+        if self.jobs is not None:
+            await self.jobs.on_notice(host, notice)
+
+    async def job_update(self, host: HostState, update: pb.JobUpdate) -> None:
+        if self.jobs is not None:
+            await self.jobs.on_update(host, update)
+
+    async def jobs_loop(self) -> None:
+        """Places pending jobs and drives migrations, once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.jobs is None:
+                continue
+            try:
+                await self.jobs.tick()
+            except Exception:
+                log.exception("jobs.tick_failed")
+
     # ------------------------------------------------------------ commands
 
     async def send_command(
@@ -273,6 +305,8 @@ class BrokerCore:
             await asyncio.sleep(min(interval_s, 5.0))
             for host in self.fleet.overdue(time.monotonic()):
                 await self.set_status(host, "lost", cause="missed-heartbeats")
+                if self.jobs is not None:
+                    await self.jobs.host_gone(host)
             seen = {
                 h.host_id: h.last_seen_s
                 for h in self.fleet.hosts.values()

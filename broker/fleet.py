@@ -60,6 +60,9 @@ class HostState:
     open_action_id: str | None = None
     open_action_kind: str | None = None
     awaiting_back: bool = False
+    # Set by a preemption notice: no new jobs, running ones migrate.
+    leaving: bool = False
+    notice_keys: set[str] = field(default_factory=set)
 
     @property
     def host_id(self) -> str:

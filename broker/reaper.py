@@ -145,6 +145,10 @@ class Reaper:
             return
         if decision.kind != "act" or host.open_action_id is not None:
             return
+        jobs = self.core.jobs
+        if jobs is not None and jobs.active_on(host.host_id):
+            # A GPU held by a healthy job is never reaped, however idle.
+            return
         # Checked once more against the store: another broker replica, or
         # this one before a restart, may have acted already.
         existing = await core.store.open_action_for_host(host.host_id)

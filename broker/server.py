@@ -25,6 +25,8 @@ from gpufleet.broker.config import BrokerConfig, split_addr
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.events import EventBus
 from gpufleet.broker.fleet import Fleet
+from gpufleet.broker.jobs import JobManager
+from gpufleet.broker.jobstore import JobStore
 from gpufleet.broker.metrics import BrokerMetrics
 from gpufleet.broker.mqtt import MqttPublisher
 from gpufleet.broker.policy import FleetPolicy, default_policy, load_policy
@@ -137,9 +139,12 @@ async def run_broker(
         history_bucket_s=cfg.history_bucket_s,
     )
     await core.load_offline_hosts()
+    prices = PriceTable.load(cfg.prices_file)
+    core.jobs = JobManager(core, JobStore(store), prices)
+    await core.jobs.load()
     core.reaper = Reaper(
         core,
-        prices=PriceTable.load(cfg.prices_file),
+        prices=prices,
         aws_endpoint_url=cfg.aws_endpoint_url,
         gce_endpoint=cfg.gce_endpoint,
     )
@@ -170,6 +175,7 @@ async def run_broker(
             if publisher is not None:
                 tg.create_task(publisher.run(), name="mqtt")
             tg.create_task(core.monitor_loop(), name="heartbeats")
+            tg.create_task(core.jobs_loop(), name="jobs")
             tg.create_task(core.history_loop(cfg.history_retention_s), name="history")
             await events.emit(
                 "broker.started", cause="start", version=gpufleet.__version__

@@ -41,18 +41,22 @@ COMMAND_STATUS_REFUSED: CommandStatus
 COMMAND_STATUS_FAILED: CommandStatus
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "telemetry", "command_ack", "command_result", "heartbeat")
+    __slots__ = ("hello", "telemetry", "command_ack", "command_result", "heartbeat", "notice", "job_update")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ACK_FIELD_NUMBER: _ClassVar[int]
     COMMAND_RESULT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    JOB_UPDATE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     telemetry: TelemetryBatch
     command_ack: CommandAck
     command_result: CommandResult
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    notice: PreemptionNoticeReport
+    job_update: JobUpdate
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., notice: _Optional[_Union[PreemptionNoticeReport, _Mapping]] = ..., job_update: _Optional[_Union[JobUpdate, _Mapping]] = ...) -> None: ...
 
 class BrokerMessage(_message.Message):
     __slots__ = ("welcome", "refusal", "command", "batch_ack")
@@ -220,14 +224,136 @@ class Refusal(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., supported_protocol_versions: _Optional[_Iterable[int]] = ..., broker_version: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("command_id", "issued_at_s", "kill_processes")
+    __slots__ = ("command_id", "issued_at_s", "kill_processes", "start_job", "checkpoint_job", "stop_job")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_S_FIELD_NUMBER: _ClassVar[int]
     KILL_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    START_JOB_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_JOB_FIELD_NUMBER: _ClassVar[int]
+    STOP_JOB_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     issued_at_s: float
     kill_processes: KillProcesses
-    def __init__(self, command_id: _Optional[str] = ..., issued_at_s: _Optional[float] = ..., kill_processes: _Optional[_Union[KillProcesses, _Mapping]] = ...) -> None: ...
+    start_job: StartJob
+    checkpoint_job: CheckpointJob
+    stop_job: StopJob
+    def __init__(self, command_id: _Optional[str] = ..., issued_at_s: _Optional[float] = ..., kill_processes: _Optional[_Union[KillProcesses, _Mapping]] = ..., start_job: _Optional[_Union[StartJob, _Mapping]] = ..., checkpoint_job: _Optional[_Union[CheckpointJob, _Mapping]] = ..., stop_job: _Optional[_Union[StopJob, _Mapping]] = ...) -> None: ...
+
+class PreemptionNoticeReport(_message.Message):
+    __slots__ = ("provider", "kind", "action", "key", "deadline_s", "detected_at_s", "evacuate", "detail", "raw_json")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    DETECTED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    EVACUATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RAW_JSON_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    kind: str
+    action: str
+    key: str
+    deadline_s: float
+    detected_at_s: float
+    evacuate: bool
+    detail: str
+    raw_json: str
+    def __init__(self, provider: _Optional[str] = ..., kind: _Optional[str] = ..., action: _Optional[str] = ..., key: _Optional[str] = ..., deadline_s: _Optional[float] = ..., detected_at_s: _Optional[float] = ..., evacuate: _Optional[bool] = ..., detail: _Optional[str] = ..., raw_json: _Optional[str] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("name", "argv", "env", "gpus", "hardware", "labels", "checkpoint_url", "workdir")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    WORKDIR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    gpus: int
+    hardware: str
+    labels: _containers.ScalarMap[str, str]
+    checkpoint_url: str
+    workdir: str
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., hardware: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., checkpoint_url: _Optional[str] = ..., workdir: _Optional[str] = ...) -> None: ...
+
+class StartJob(_message.Message):
+    __slots__ = ("job_id", "spec", "gpu_uuids", "resume_from", "attempt")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: JobSpec
+    gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    resume_from: str
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., resume_from: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class CheckpointJob(_message.Message):
+    __slots__ = ("job_id", "deadline_s", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    deadline_s: float
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., deadline_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class StopJob(_message.Message):
+    __slots__ = ("job_id", "term_timeout_s", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TERM_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    term_timeout_s: float
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., term_timeout_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class JobUpdate(_message.Message):
+    __slots__ = ("job_id", "attempt", "state", "at_s", "step", "checkpoint_url", "checkpoint_step", "exit_code", "detail", "log_tail", "event")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    AT_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    state: str
+    at_s: float
+    step: int
+    checkpoint_url: str
+    checkpoint_step: int
+    exit_code: int
+    detail: str
+    log_tail: str
+    event: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[str] = ..., at_s: _Optional[float] = ..., step: _Optional[int] = ..., checkpoint_url: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., exit_code: _Optional[int] = ..., detail: _Optional[str] = ..., log_tail: _Optional[str] = ..., event: _Optional[str] = ...) -> None: ...
 
 class KillProcesses(_message.Message):
     __slots__ = ("gpu_uuid", "pids", "term_timeout_s", "max_activity_ratio", "protected_process_names", "reason")
@@ -264,6 +390,82 @@ class CommandResult(_message.Message):
     terminated_pids: _containers.RepeatedScalarFieldContainer[int]
     killed_pids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, command_id: _Optional[str] = ..., status: _Optional[_Union[CommandStatus, str]] = ..., detail: _Optional[str] = ..., terminated_pids: _Optional[_Iterable[int]] = ..., killed_pids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class JobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class MigrateJobRequest(_message.Message):
+    __slots__ = ("job_id", "to_host_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    to_host_id: str
+    def __init__(self, job_id: _Optional[str] = ..., to_host_id: _Optional[str] = ...) -> None: ...
+
+class JobHistoryLine(_message.Message):
+    __slots__ = ("at_s", "kind", "detail")
+    AT_S_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    at_s: float
+    kind: str
+    detail: str
+    def __init__(self, at_s: _Optional[float] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class JobView(_message.Message):
+    __slots__ = ("job_id", "spec", "state", "host_id", "gpu_uuids", "step", "checkpoint_url", "checkpoint_step", "attempt", "created_at_s", "updated_at_s", "history", "steps_lost", "log_tail", "detail")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_URL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
+    LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: JobSpec
+    state: str
+    host_id: str
+    gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    step: int
+    checkpoint_url: str
+    checkpoint_step: int
+    attempt: int
+    created_at_s: float
+    updated_at_s: float
+    history: _containers.RepeatedCompositeFieldContainer[JobHistoryLine]
+    steps_lost: int
+    log_tail: str
+    detail: str
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[str] = ..., host_id: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., step: _Optional[int] = ..., checkpoint_url: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., created_at_s: _Optional[float] = ..., updated_at_s: _Optional[float] = ..., history: _Optional[_Iterable[_Union[JobHistoryLine, _Mapping]]] = ..., steps_lost: _Optional[int] = ..., log_tail: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobView]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobView, _Mapping]]] = ...) -> None: ...
 
 class ListHostsRequest(_message.Message):
     __slots__ = ()

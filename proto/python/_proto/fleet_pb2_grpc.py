@@ -156,6 +156,36 @@ class AdminServiceStub:
                 request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.Event.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/gpufleet.v1.AdminService/SubmitJob',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/gpufleet.v1.AdminService/ListJobs',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/gpufleet.v1.AdminService/GetJob',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/gpufleet.v1.AdminService/CancelJob',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+                _registered_method=True)
+        self.CheckpointJobNow = channel.unary_unary(
+                '/gpufleet.v1.AdminService/CheckpointJobNow',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+                _registered_method=True)
+        self.MigrateJob = channel.unary_unary(
+                '/gpufleet.v1.AdminService/MigrateJob',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.MigrateJobRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -212,6 +242,42 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointJobNow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -254,6 +320,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.FollowEvents,
                     request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListEventsRequest.FromString,
                     response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.Event.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.SubmitJobRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListJobsRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.SerializeToString,
+            ),
+            'CheckpointJobNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointJobNow,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.SerializeToString,
+            ),
+            'MigrateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateJob,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.MigrateJobRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -474,6 +570,168 @@ class AdminService:
             '/gpufleet.v1.AdminService/FollowEvents',
             gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListEventsRequest.SerializeToString,
             gpufleet_dot_proto_dot___proto_dot_fleet__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/SubmitJob',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.SubmitJobRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/ListJobs',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListJobsRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/GetJob',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/CancelJob',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointJobNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/CheckpointJobNow',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/MigrateJob',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.MigrateJobRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,498 @@
+"""The job manager: placement, job states, and migration on a notice.
+
+Owned by the broker process. Jobs move PENDING -> RUNNING -> SUCCEEDED or
+FAILED, or CANCELLED on request. On a preemption notice (or a lost host) a
+running job goes CHECKPOINTING -> MIGRATING -> RUNNING on another host. The
+migration in progress is stored with the job, so a broker restarted midway
+finishes it; every step is an event and a line in the job's history.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from gpufleet.broker.core import BrokerCore
+from gpufleet.broker.fleet import LIVE, HostState
+from gpufleet.broker.jobstore import JobRecord, JobStore
+from gpufleet.broker.placement import Candidate, choose_host, hardware_key
+from gpufleet.broker.prices import PriceTable
+from gpufleet.errors import GpufleetError
+from gpufleet.proto import pb
+
+log = structlog.stdlib.get_logger(__name__)
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+ACTIVE = ("RUNNING", "CHECKPOINTING", "MIGRATING")
+HISTORY_LINES = 200
+# A restore that has not reported "running" after this long is retried on
+# another host; a target that dies during restore is replaced sooner.
+RESTORE_TIMEOUT_S = 120.0
+MAX_ATTEMPTS = 5
+STOP_TIMEOUT_S = 10.0
+JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class JobError(GpufleetError):
+    """A job request cannot be carried out; the message says why."""
+
+
+class JobManager:
+    """Every job of the fleet; see the module docstring."""
+
+    def __init__(
+        self, core: BrokerCore, jobstore: JobStore, prices: PriceTable
+    ) -> None:
+        self.core = core
+        self.store = jobstore
+        self.prices = prices
+        self.jobs: dict[str, JobRecord] = {}
+
+    async def load(self) -> None:
+        for record in await self.store.load_all():
+            self.jobs[record.view.job_id] = record
+
+    # ------------------------------------------------------------- requests
+
+    async def submit(self, spec: pb.JobSpec) -> pb.JobView:
+        problems = []
+        if not spec.argv:
+            problems.append("the command is empty: give it after --")
+        if spec.gpus > 64:
+            problems.append(f"--gpus {spec.gpus}: at most 64")
+        if problems:
+            raise JobError("cannot submit the job: " + "; ".join(problems))
+        now = time.time()
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", spec.name or "job")[:40]
+        view = pb.JobView(
+            job_id=f"{name}-{uuid.uuid4().hex[:8]}",
+            spec=spec,
+            state="PENDING",
+            created_at_s=now,
+            updated_at_s=now,
+            step=-1,
+            checkpoint_step=-1,
+        )
+        record = JobRecord(view)
+        self.jobs[view.job_id] = record
+        await self._note(
+            record, "job.submitted", f"{spec.gpus} GPU(s): {' '.join(spec.argv)}"
+        )
+        await self.place_pending()
+        return self.jobs[view.job_id].view
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.jobs.get(job_id)
+        if record is None:
+            raise JobError(
+                f"no job {job_id!r}", hint="'gpufleet jobs list' shows the job ids"
+            )
+        return record
+
+    async def cancel(self, job_id: str) -> pb.JobView:
+        record = self.get(job_id)
+        view = record.view
+        if view.state in TERMINAL:
+            return view
+        host = self.core.fleet.hosts.get(view.host_id)
+        view.state = "CANCELLED"
+        record.migration = None
+        if host is not None:
+            await self._send(
+                host,
+                pb.Command(
+                    stop_job=pb.StopJob(
+                        job_id=job_id, term_timeout_s=STOP_TIMEOUT_S, reason="cancelled"
+                    )
+                ),
+            )
+        await self._note(record, "job.cancelled", "by admin")
+        return view
+
+    async def checkpoint_now(self, job_id: str) -> pb.JobView:
+        record = self.get(job_id)
+        if record.view.state != "RUNNING":
+            raise JobError(f"job {job_id} is {record.view.state}, not RUNNING")
+        host = self.core.fleet.hosts.get(record.view.host_id)
+        if host is None or host.outbox is None:
+            raise JobError(
+                f"job {job_id}'s host {record.view.host_id} is not connected"
+            )
+        await self._send(
+            host,
+            pb.Command(checkpoint_job=pb.CheckpointJob(job_id=job_id, reason="admin")),
+        )
+        await self._note(record, "job.checkpoint-requested", "by admin")
+        return record.view
+
+    async def migrate(
+        self,
+        job_id: str,
+        *,
+        to_host_id: str = "",
+        reason: str = "admin",
+        deadline_s: float = 0.0,
+        avoid_zone: str = "",
+    ) -> pb.JobView:
+        """Checkpoints a running job and resumes it on another host."""
+        record = self.get(job_id)
+        view = record.view
+        if view.state != "RUNNING":
+            raise JobError(f"job {job_id} is {view.state}; only a RUNNING job migrates")
+        if to_host_id and to_host_id not in self.core.fleet.hosts:
+            raise JobError(
+                f"no host {to_host_id!r}", hint="'gpufleet hosts' lists them"
+            )
+        source = self.core.fleet.hosts.get(view.host_id)
+        now = time.time()
+        record.migration = {
+            "from": view.host_id,
+            "to": to_host_id,
+            "reason": reason,
+            "deadline_s": deadline_s,
+            "started_at_s": now,
+            "step_at_start": view.step,
+            "avoid_zone": avoid_zone,
+            "phase": "checkpointing",
+            "tried": [],
+        }
+        view.state = "CHECKPOINTING"
+        if source is not None and source.outbox is not None:
+            await self._send(
+                source,
+                pb.Command(
+                    checkpoint_job=pb.CheckpointJob(
+                        job_id=job_id, deadline_s=deadline_s, reason=reason
+                    )
+                ),
+            )
+        else:
+            record.migration["phase"] = "restore"
+        await self._note(
+            record, "job.checkpointing", f"{reason}; deadline {deadline_s:.0f}"
+        )
+        await self.drive(record)
+        return view
+
+    # ------------------------------------------------------------- reports
+
+    async def on_update(self, host: HostState, update: pb.JobUpdate) -> None:
+        record = self.jobs.get(update.job_id)
+        if record is None or update.attempt != record.view.attempt:
+            return  # unknown job, or a late word from an earlier attempt
+        view = record.view
+        if update.step >= 0:
+            view.step = max(view.step, update.step)
+        if update.log_tail:
+            view.log_tail = update.log_tail[-16384:]
+        if update.event == "checkpoint.saved" and update.checkpoint_url:
+            view.checkpoint_url = update.checkpoint_url
+            view.checkpoint_step = update.checkpoint_step
+            await self._note(
+                record,
+                "job.checkpoint-saved",
+                f"step {update.checkpoint_step} at {update.checkpoint_url}",
+            )
+        elif update.event in (
+            "checkpoint.failed",
+            "checkpoint.fallback",
+            "checkpoint.restored",
+        ):
+            await self._note(record, f"job.{update.event}", update.detail)
+        if host.host_id != view.host_id:
+            return
+        await self._on_state(record, host, update)
+
+    async def _on_state(
+        self, record: JobRecord, host: HostState, u: pb.JobUpdate
+    ) -> None:
+        view = record.view
+        m = record.migration
+        if u.state == "running" and view.state == "MIGRATING" and m:
+            lost = max(
+                0, int(m.get("step_at_start", -1)) - max(view.checkpoint_step, 0)
+            )
+            view.steps_lost += lost if m.get("fallback") else 0
+            took = time.time() - float(m["started_at_s"])
+            record.migration = None
+            view.state = "RUNNING"
+            await self._note(
+                record,
+                "job.migrated",
+                f"to {host.host_id} in {took:.1f} s; steps lost "
+                f"{lost if m.get('fallback') else 0}",
+            )
+        elif u.state == "running" and view.state == "PENDING":
+            view.state = "RUNNING"
+            await self._note(record, "job.running", f"on {host.host_id}")
+        elif u.state in ("succeeded", "failed") and view.state in (
+            "RUNNING",
+            "PENDING",
+        ):
+            view.state = "SUCCEEDED" if u.state == "succeeded" else "FAILED"
+            await self._note(
+                record, f"job.{u.state}", f"exit code {u.exit_code} {u.detail}"
+            )
+        elif (
+            u.state in ("succeeded", "failed", "stopped")
+            and view.state == "CHECKPOINTING"
+        ):
+            # The job ended before the migration moved it: resume from the
+            # newest checkpoint rather than losing it.
+            if u.state == "succeeded":
+                view.state = "SUCCEEDED"
+                record.migration = None
+                await self._note(record, "job.succeeded", "before it could migrate")
+            else:
+                assert m is not None
+                m["phase"] = "restore"
+                await self.drive(record)
+        elif u.event == "checkpoint.saved" and view.state == "CHECKPOINTING" and m:
+            m["phase"] = "restore"
+            await self.drive(record)
+        await self._save(record)
+
+    async def on_notice(
+        self, host: HostState, notice: pb.PreemptionNoticeReport
+    ) -> None:
+        """Evacuates a host: no new jobs, and every job on it migrates."""
+        if notice.key in host.notice_keys:
+            return  # the same notice again: one migration per notice
+        host.notice_keys.add(notice.key)
+        await self.core.events.emit(
+            "host.notice",
+            host_id=host.host_id,
+            cause=notice.kind,
+            provider=notice.provider,
+            action=notice.action,
+            deadline_s=notice.deadline_s,
+            evacuate=notice.evacuate,
+            detail=notice.detail,
+        )
+        if not notice.evacuate:
+            return
+        host.leaving = True
+        for record in list(self.jobs.values()):
+            if record.view.host_id == host.host_id and record.view.state == "RUNNING":
+                await self.migrate(
+                    record.view.job_id,
+                    reason=f"{notice.provider}-{notice.kind}",
+                    deadline_s=notice.deadline_s,
+                    avoid_zone=host.identity.zone,
+                )
+
+    async def host_gone(self, host: HostState) -> None:
+        """A host was lost: its jobs resume elsewhere from their checkpoints."""
+        for record in list(self.jobs.values()):
+            view = record.view
+            if view.host_id != host.host_id:
+                continue
+            if view.state == "RUNNING":
+                await self.migrate(
+                    view.job_id, reason="host-lost", avoid_zone=host.identity.zone
+                )
+            elif view.state in ("CHECKPOINTING", "MIGRATING") and record.migration:
+                record.migration["phase"] = "restore"
+                await self.drive(record)
+
+    # ------------------------------------------------------------ driving
+
+    async def tick(self) -> None:
+        """Places pending jobs and moves migrations past their deadlines."""
+        await self.place_pending()
+        now = time.time()
+        for record in list(self.jobs.values()):
+            m = record.migration
+            if not m:
+                continue
+            deadline = float(m.get("deadline_s") or 0)
+            if m["phase"] == "checkpointing" and deadline and now >= deadline:
+                m["fallback"] = True
+                m["phase"] = "restore"
+                await self._note(
+                    record,
+                    "job.checkpoint-late",
+                    "deadline passed; resuming from the newest checkpoint",
+                )
+                await self.drive(record)
+            elif (
+                m["phase"] == "restoring"
+                and now - float(m.get("restore_at_s", now)) > RESTORE_TIMEOUT_S
+            ):
+                m["phase"] = "restore"
+                await self.drive(record)
+
+    async def drive(self, record: JobRecord) -> None:
+        """Moves a migration in its 'restore' phase to a new host."""
+        m = record.migration
+        view = record.view
+        if not m or m["phase"] != "restore":
+            await self._save(record)
+            return
+        if len(m["tried"]) >= MAX_ATTEMPTS:
+            view.state = "FAILED"
+            record.migration = None
+            await self._note(
+                record, "job.migration-failed", f"after {MAX_ATTEMPTS} targets"
+            )
+            return
+        source = self.core.fleet.hosts.get(m["from"])
+        if source is not None and source.outbox is not None:
+            await self._send(
+                source,
+                pb.Command(
+                    stop_job=pb.StopJob(
+                        job_id=view.job_id,
+                        term_timeout_s=STOP_TIMEOUT_S,
+                        reason="migrated",
+                    )
+                ),
+            )
+        exclude = frozenset({m["from"], *m["tried"]})
+        prefer = (
+            hardware_key(
+                source.gpus[u].info for u in view.gpu_uuids if u in source.gpus
+            )
+            if source
+            else ""
+        )
+        target = self._target(
+            view.spec, exclude, m.get("avoid_zone", ""), prefer, m.get("to", "")
+        )
+        if target is None:
+            view.state = "MIGRATING"
+            await self._note(record, "job.waiting-for-host", "no host fits; retrying")
+            return
+        m["tried"].append(target.host_id)
+        m["phase"] = "restoring"
+        m["restore_at_s"] = time.time()
+        view.state = "MIGRATING"
+        await self._start(record, target, resume_from=view.checkpoint_url)
+
+    async def place_pending(self) -> None:
+        for record in list(self.jobs.values()):
+            if record.view.state != "PENDING" or record.view.host_id:
+                continue
+            target = self._target(record.view.spec, frozenset(), "", "", "")
+            if target is not None:
+                await self._start(record, target, resume_from="")
+
+    def _target(
+        self,
+        spec: pb.JobSpec,
+        exclude: frozenset[str],
+        avoid_zone: str,
+        prefer: str,
+        wanted: str,
+    ) -> Candidate | None:
+        candidates = [
+            c for c in self._candidates() if not wanted or c.host_id == wanted
+        ]
+        return choose_host(
+            spec,
+            candidates,
+            exclude=exclude,
+            avoid_zone=avoid_zone,
+            prefer_hardware=prefer,
+        )
+
+    def _candidates(self) -> list[Candidate]:
+        busy = {
+            u
+            for r in self.jobs.values()
+            if r.view.state in ACTIVE
+            for u in r.view.gpu_uuids
+        }
+        out = []
+        for h in self.core.fleet.hosts.values():
+            if h.status != LIVE or h.outbox is None or h.leaving:
+                continue
+            free = tuple(
+                u
+                for u, g in sorted(h.gpus.items(), key=lambda kv: kv[1].info.index)
+                if u not in busy
+            )
+            out.append(
+                Candidate(
+                    host_id=h.host_id,
+                    zone=h.identity.zone,
+                    spot=h.identity.spot,
+                    usd_per_hour=self.prices.price_for(h.identity).usd_per_hour,
+                    labels=h.labels,
+                    free_gpus=free,
+                    gpu_infos={u: g.info for u, g in h.gpus.items()},
+                )
+            )
+        return out
+
+    async def _start(
+        self, record: JobRecord, target: Candidate, *, resume_from: str
+    ) -> None:
+        view = record.view
+        view.attempt += 1
+        view.host_id = target.host_id
+        del view.gpu_uuids[:]
+        view.gpu_uuids.extend(target.free_gpus[: max(view.spec.gpus, 0)])
+        host = self.core.fleet.hosts[target.host_id]
+        await self._send(
+            host,
+            pb.Command(
+                start_job=pb.StartJob(
+                    job_id=view.job_id,
+                    spec=view.spec,
+                    gpu_uuids=view.gpu_uuids,
+                    resume_from=resume_from,
+                    attempt=view.attempt,
+                )
+            ),
+        )
+        await self._note(
+            record,
+            "job.starting",
+            f"attempt {view.attempt} on {target.host_id}"
+            + (f" from {resume_from}" if resume_from else ""),
+        )
+
+    async def _send(self, host: HostState, command: pb.Command) -> None:
+        command.command_id = uuid.uuid4().hex[:16]
+        command.issued_at_s = time.time()
+        await self.core.send_command(host, command, action_id=None)
+
+    async def _note(self, record: JobRecord, kind: str, detail: str) -> None:
+        view = record.view
+        view.updated_at_s = time.time()
+        view.history.append(
+            pb.JobHistoryLine(at_s=view.updated_at_s, kind=kind, detail=detail)
+        )
+        if len(view.history) > HISTORY_LINES:
+            del view.history[: len(view.history) - HISTORY_LINES]
+        await self._save(record)
+        await self.core.events.emit(
+            kind,
+            host_id=view.host_id,
+            cause=view.job_id,
+            detail=detail,
+            state=view.state,
+        )
+        log.info(kind, job_id=view.job_id, host_id=view.host_id, detail=detail)
+
+    async def _save(self, record: JobRecord) -> None:
+        await self.store.save(record)
+
+    def active_on(self, host_id: str) -> bool:
+        """Whether a job holds GPUs of the host (the reaper leaves it alone)."""
+        return any(
+            r.view.host_id == host_id and r.view.state in ACTIVE
+            for r in self.jobs.values()
+        )
+
+    def as_dict(self, job_id: str) -> dict[str, Any]:
+        from google.protobuf import json_format
+
+        return json_format.MessageToDict(
+            self.get(job_id).view, preserving_proto_field_name=True
+        )

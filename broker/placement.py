@@ -1,0 +1,80 @@
+"""Where a job runs: pure choice of a host from the fleet's current state.
+
+Owned by the broker process; no I/O. The job manager calls ``choose_host``
+for new jobs and for migrations.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from gpufleet.kernels.fingerprint import fingerprint_of
+from gpufleet.proto import pb
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What placement needs to know of one host."""
+
+    host_id: str
+    zone: str
+    spot: bool
+    usd_per_hour: float  # 0 when the price is unknown
+    labels: Mapping[str, str]
+    free_gpus: tuple[str, ...]  # uuids, in index order
+    gpu_infos: Mapping[str, pb.GpuInfo]
+
+
+def hardware_key(infos: Iterable[pb.GpuInfo]) -> str:
+    """The fingerprint key of a host's GPUs (the first one's; hosts are
+    homogeneous in practice), or "" for a host without GPUs."""
+    for info in infos:
+        return fingerprint_of(info).key
+    return ""
+
+
+def fits(job: pb.JobSpec, host: Candidate) -> bool:
+    """Whether the job may run on the host now."""
+    if len(host.free_gpus) < max(job.gpus, 0):
+        return False
+    for key, pattern in job.labels.items():
+        if not fnmatch.fnmatchcase(host.labels.get(key, ""), pattern):
+            return False
+    if job.hardware:
+        chosen = host.free_gpus[: max(job.gpus, 1)]
+        keys = {fingerprint_of(host.gpu_infos[u]).key for u in chosen}
+        if keys != {job.hardware}:
+            return False
+    return True
+
+
+def choose_host(
+    job: pb.JobSpec,
+    candidates: Iterable[Candidate],
+    *,
+    exclude: frozenset[str] = frozenset(),
+    avoid_zone: str = "",
+    prefer_hardware: str = "",
+) -> Candidate | None:
+    """The best host for a job, or None when none fits.
+
+    Order: hosts with the preferred hardware fingerprint first (a migrated
+    job resumes on the hardware it ran on); then not in the zone to avoid
+    (the one just preempted) while any other fits; then on-demand before spot
+    (lower preemption risk); then the lower price; then the host id, so that
+    the choice is deterministic.
+    """
+    fitting = [c for c in candidates if c.host_id not in exclude and fits(job, c)]
+    if not fitting:
+        return None
+
+    def rank(c: Candidate) -> tuple[bool, bool, bool, float, str]:
+        same_hw = bool(prefer_hardware) and (
+            hardware_key(c.gpu_infos[u] for u in c.free_gpus) == prefer_hardware
+        )
+        in_bad_zone = bool(avoid_zone) and c.zone == avoid_zone
+        return (not same_hw, in_bad_zone, c.spot, c.usd_per_hour, c.host_id)
+
+    return min(fitting, key=rank)

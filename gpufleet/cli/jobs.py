@@ -1,0 +1,162 @@
+"""``gpufleet jobs``: submit, inspect, checkpoint, migrate and cancel jobs."""
+
+from __future__ import annotations
+
+import click
+
+from gpufleet.cli.client import AdminClient, ClientOptions
+from gpufleet.cli.output import print_json, print_table, to_dict, when
+from gpufleet.errors import ConfigError
+from gpufleet.proto import pb
+
+
+def _call(opts: ClientOptions, method: str, request: object) -> pb.JobView:
+    client = AdminClient(opts)
+    try:
+        return client.call(method, request)  # type: ignore[no-any-return]
+    finally:
+        client.close()
+
+
+def _show(opts: ClientOptions, view: pb.JobView) -> None:
+    if opts.json:
+        print_json(to_dict(view))
+        return
+    click.echo(f"job {view.job_id}: {view.state} on {view.host_id or '-'}")
+    step = view.step if view.step >= 0 else "?"
+    ckpt = view.checkpoint_step if view.checkpoint_step >= 0 else "-"
+    click.echo(
+        f"  step {step}, checkpoint at step {ckpt}, attempt {view.attempt}, "
+        f"steps lost {view.steps_lost}"
+    )
+    for line in view.history:
+        click.echo(f"  {when(line.at_s)} {line.kind} {line.detail}")
+
+
+@click.group("jobs")
+def jobs() -> None:
+    """Jobs that gpufleet places, supervises and moves on a preemption."""
+
+
+@jobs.command("submit", context_settings={"ignore_unknown_options": True})
+@click.option("--gpus", type=click.IntRange(0, 64), default=1, show_default=True)
+@click.option("--hardware", default="", help="Hardware fingerprint key to require.")
+@click.option(
+    "--label", "labels", multiple=True, help="KEY=VALUE host label to require."
+)
+@click.option(
+    "--checkpoint",
+    "checkpoint_url",
+    default="",
+    help="Where checkpoints go: a shared path or s3://bucket/prefix.",
+)
+@click.option("--name", default="job")
+@click.option("--env", "envs", multiple=True, help="KEY=VALUE for the job.")
+@click.option("--workdir", default="")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def submit(
+    opts: ClientOptions,
+    gpus: int,
+    hardware: str,
+    labels: tuple[str, ...],
+    checkpoint_url: str,
+    name: str,
+    envs: tuple[str, ...],
+    workdir: str,
+    argv: tuple[str, ...],
+) -> None:
+    """Submit a job: gpufleet jobs submit --gpus 1 -- python train.py"""
+    bad = [x for x in (*labels, *envs) if "=" not in x]
+    if bad:
+        raise ConfigError("jobs submit", [f"{x!r}: must be KEY=VALUE" for x in bad])
+    spec = pb.JobSpec(
+        name=name,
+        argv=list(argv),
+        gpus=gpus,
+        hardware=hardware,
+        labels=dict(x.split("=", 1) for x in labels),
+        env=dict(x.split("=", 1) for x in envs),
+        checkpoint_url=checkpoint_url,
+        workdir=workdir,
+    )
+    _show(opts, _call(opts, "SubmitJob", pb.SubmitJobRequest(spec=spec)))
+
+
+@jobs.command("list")
+@click.option("--state", default="", help="Only jobs in this state.")
+@click.pass_obj
+def list_jobs(opts: ClientOptions, state: str) -> None:
+    """List jobs."""
+    client = AdminClient(opts)
+    try:
+        resp = client.call("ListJobs", pb.ListJobsRequest(state=state))
+    finally:
+        client.close()
+    if opts.json:
+        print_json({"jobs": [to_dict(v) for v in resp.jobs]})
+        return
+    rows = [
+        [
+            v.job_id,
+            v.state,
+            v.host_id or "-",
+            str(v.spec.gpus),
+            str(v.step if v.step >= 0 else "?"),
+            str(v.attempt),
+            when(v.updated_at_s),
+        ]
+        for v in resp.jobs
+    ]
+    print_table(
+        None, ["JOB", "STATE", "HOST", "GPUS", "STEP", "ATTEMPT", "UPDATED"], rows
+    )
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.pass_obj
+def show(opts: ClientOptions, job_id: str) -> None:
+    """A job's state and every step of its history."""
+    _show(opts, _call(opts, "GetJob", pb.JobRequest(job_id=job_id)))
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.pass_obj
+def logs(opts: ClientOptions, job_id: str) -> None:
+    """The last lines of a job's output."""
+    view = _call(opts, "GetJob", pb.JobRequest(job_id=job_id))
+    if opts.json:
+        print_json({"job_id": view.job_id, "log_tail": view.log_tail})
+        return
+    click.echo(view.log_tail, nl=False)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.pass_obj
+def cancel(opts: ClientOptions, job_id: str) -> None:
+    """Stop a job for good."""
+    _show(opts, _call(opts, "CancelJob", pb.JobRequest(job_id=job_id)))
+
+
+@jobs.command("checkpoint")
+@click.argument("job_id")
+@click.pass_obj
+def checkpoint(opts: ClientOptions, job_id: str) -> None:
+    """Ask a running job to checkpoint now."""
+    _show(opts, _call(opts, "CheckpointJobNow", pb.JobRequest(job_id=job_id)))
+
+
+@jobs.command("migrate")
+@click.argument("job_id")
+@click.option("--to", "to_host_id", default="", help="Target host (default: the best).")
+@click.pass_obj
+def migrate(opts: ClientOptions, job_id: str, to_host_id: str) -> None:
+    """Checkpoint a running job and resume it on another host."""
+    request = pb.MigrateJobRequest(job_id=job_id, to_host_id=to_host_id)
+    _show(opts, _call(opts, "MigrateJob", request))
+
+
+COMMANDS = [jobs]
