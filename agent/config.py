@@ -59,6 +59,17 @@ class IdentityConfig:
     project: str | None = None
     discover: bool = True
     metadata_timeout_s: float = 0.5
+    # Where the cloud's metadata service answers; set it to rehearse with
+    # 'gpufleet dev metadata-server'. None: each cloud's own address.
+    metadata_base: str | None = None
+
+
+@dataclass
+class PreemptionConfig:
+    """Watching the cloud's metadata service for interruption notices."""
+
+    enabled: bool = True
+    poll_interval_s: float = 1.0
 
 
 @dataclass
@@ -89,6 +100,7 @@ class AgentConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     log_level: str = "info"
 
     def validate(self, source: str, problems: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ ends the process non-zero so that systemd restarts it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from gpufleet.agent.collectors.base import Collector, GpuSampler
 from gpufleet.agent.collectors.detect import detect_collector
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.identity import discover_identity
+from gpufleet.agent.preemption import NoticeWatcher, PreemptionNotice, detect_source
 from gpufleet.agent.processes import kill_gpu_processes
 from gpufleet.agent.session import BrokerSession
 from gpufleet.proto import PROTOCOL_VERSION, pb
@@ -52,6 +54,7 @@ class Agent:
         self.ledger = CommandLedger(ledger_path)
         self.first_sample = asyncio.Event()
         self.session: BrokerSession | None = None
+        self.notices: list[pb.PreemptionNoticeReport] = []
         self.samples_total = 0
 
     def hello(self) -> pb.Hello:
@@ -63,6 +66,27 @@ class Agent:
             labels=self.cfg.labels,
             sent_at_s=time.time(),
         )
+
+    async def on_notice(self, notice: PreemptionNotice) -> None:
+        """Reports a cloud's notice to the broker, now or on reconnect."""
+        report = pb.PreemptionNoticeReport(
+            provider=notice.provider,
+            kind=notice.kind,
+            action=notice.action,
+            key=notice.key,
+            deadline_s=notice.deadline_s or 0.0,
+            detected_at_s=notice.detected_at_s,
+            evacuate=notice.evacuate,
+            detail=notice.detail,
+            raw_json=json.dumps(notice.raw, default=str)[:65536],
+        )
+        self.notices.append(report)
+        if self.session is not None:
+            self.session.post(pb.AgentMessage(notice=report))
+
+    def resend(self) -> list[pb.AgentMessage]:
+        """What to send again after a reconnect: notices of this boot."""
+        return [pb.AgentMessage(notice=n) for n in self.notices]
 
     async def sample_loop(self, sampler: GpuSampler) -> None:
         """Samples every GPU each interval on the monotonic clock.
@@ -139,12 +163,15 @@ async def run(
     if agent_out is not None:
         agent_out.append(agent)
     agent.gpus = await asyncio.to_thread(collector.open)
+    bases = _metadata_bases(cfg)
     agent.identity = await discover_identity(
         name=cfg.name,
         timeout_s=cfg.identity.metadata_timeout_s,
         providers=("aws", "gcp", "azure") if cfg.identity.discover else (),
         overrides=_identity_overrides(cfg),
+        **bases,
     )
+    watcher = _notice_watcher(cfg, agent.identity, bases)
     structlog.contextvars.bind_contextvars(node_id=agent.identity.host_id)
     log.info(
         "agent.started",
@@ -169,10 +196,13 @@ async def run(
                 ledger=agent.ledger,
                 execute=agent.execute,
                 spawn=spawn,
+                resend=agent.resend,
             )
             tg.create_task(agent.sample_loop(sampler), name="telemetry")
             tg.create_task(_notify_ready(agent), name="ready")
             tg.create_task(session.run_loop(), name="broker-session")
+            if watcher is not None:
+                tg.create_task(watcher.run_loop(agent.on_notice), name="notices")
             tg.create_task(_raise_when_set(stop), name="shutdown")
     except* Shutdown:
         sdnotify.notify("STOPPING=1")
@@ -189,6 +219,27 @@ async def _notify_ready(agent: Agent) -> None:
     await agent.first_sample.wait()
     sdnotify.notify("READY=1")
     log.info("agent.ready", samples=agent.samples_total)
+
+
+def _metadata_bases(cfg: AgentConfig) -> dict[str, str]:
+    base = cfg.identity.metadata_base
+    if not base:
+        return {}
+    return {"aws_base": base, "gcp_base": base, "azure_base": base}
+
+
+def _notice_watcher(
+    cfg: AgentConfig, identity: pb.HostIdentity, bases: dict[str, str]
+) -> NoticeWatcher | None:
+    if not cfg.preemption.enabled or not identity.provider:
+        return None
+    options: dict[str, object] = {}
+    if identity.provider == "aws" and identity.instance_id:
+        options["instance_id"] = identity.instance_id
+    source = detect_source(identity.provider, **bases, **options)  # type: ignore[arg-type]
+    if source is None:
+        return None
+    return NoticeWatcher(source, interval_s=cfg.preemption.poll_interval_s)
 
 
 def _identity_overrides(cfg: AgentConfig) -> dict[str, object]:

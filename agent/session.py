@@ -55,6 +55,7 @@ class BrokerSession:
         ledger: CommandLedger,
         execute: Executor,
         spawn: Spawn,
+        resend: Callable[[], list[pb.AgentMessage]] | None = None,
     ) -> None:
         self._cfg = cfg
         self._hello = hello
@@ -62,6 +63,7 @@ class BrokerSession:
         self._ledger = ledger
         self._execute = execute
         self._spawn = spawn
+        self._resend = resend
         self._keepalive_time_s = cfg.keepalive_time_s
         self._outbox: asyncio.Queue[pb.AgentMessage] | None = None
         self._in_flight: dict[int, list[pb.GpuSample]] = {}
@@ -166,6 +168,10 @@ class BrokerSession:
             )
             self._outbox = asyncio.Queue(maxsize=1000)
             self._last_rx = time.monotonic()
+            # What the broker may have missed while the stream was down:
+            # notices and the state of every job.
+            for message in self._resend() if self._resend else ():
+                self._post(message)
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._write_loop(call), name="session-write")
@@ -242,6 +248,13 @@ class BrokerSession:
         for batch_id in sorted(self._in_flight, reverse=True):
             self._buffer.put_back(self._in_flight[batch_id])
         self._in_flight.clear()
+
+    def post(self, message: pb.AgentMessage) -> bool:
+        """Sends a message now if connected; False when it could not be."""
+        if self._outbox is None:
+            return False
+        self._post(message)
+        return True
 
     def _post(self, message: pb.AgentMessage) -> None:
         if self._outbox is not None:
