@@ -24,6 +24,7 @@ from gpufleet.agent.collectors.base import Collector, GpuSampler
 from gpufleet.agent.collectors.detect import detect_collector
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.identity import discover_identity
+from gpufleet.agent.jobs import JobSupervisor
 from gpufleet.agent.preemption import NoticeWatcher, PreemptionNotice, detect_source
 from gpufleet.agent.processes import kill_gpu_processes
 from gpufleet.agent.session import BrokerSession
@@ -55,6 +56,7 @@ class Agent:
         self.first_sample = asyncio.Event()
         self.session: BrokerSession | None = None
         self.notices: list[pb.PreemptionNoticeReport] = []
+        self.jobs = JobSupervisor(cfg.state_dir, report=self.report_job)
         self.samples_total = 0
 
     def hello(self) -> pb.Hello:
@@ -81,12 +83,31 @@ class Agent:
             raw_json=json.dumps(notice.raw, default=str)[:65536],
         )
         self.notices.append(report)
+        if notice.evacuate:
+            # Checkpoint at once, before the broker's request arrives: the
+            # notice window is short and the broker may be unreachable.
+            for update in self.jobs.snapshot():
+                if update.state == "running":
+                    await self.jobs.checkpoint(
+                        pb.CheckpointJob(
+                            job_id=update.job_id,
+                            deadline_s=report.deadline_s,
+                            reason=f"{notice.provider}-{notice.kind}",
+                        )
+                    )
         if self.session is not None:
             self.session.post(pb.AgentMessage(notice=report))
 
+    def report_job(self, update: pb.JobUpdate) -> None:
+        if self.session is not None:
+            self.session.post(pb.AgentMessage(job_update=update))
+
     def resend(self) -> list[pb.AgentMessage]:
-        """What to send again after a reconnect: notices of this boot."""
-        return [pb.AgentMessage(notice=n) for n in self.notices]
+        """What to send again after a reconnect: notices of this boot and
+        the state of every job."""
+        messages = [pb.AgentMessage(notice=n) for n in self.notices]
+        messages.extend(pb.AgentMessage(job_update=u) for u in self.jobs.snapshot())
+        return messages
 
     async def sample_loop(self, sampler: GpuSampler) -> None:
         """Samples every GPU each interval on the monotonic clock.
@@ -117,6 +138,12 @@ class Agent:
     async def execute(self, command: pb.Command) -> pb.CommandResult:
         """Runs one broker command and returns its result."""
         kind = command.WhichOneof("action")
+        if kind == "start_job":
+            return await self.jobs.start(command.start_job)
+        if kind == "checkpoint_job":
+            return await self.jobs.checkpoint(command.checkpoint_job)
+        if kind == "stop_job":
+            return await self.jobs.stop(command.stop_job)
         if kind == "kill_processes":
             kill = command.kill_processes
             log.info(
@@ -199,6 +226,7 @@ async def run(
                 resend=agent.resend,
             )
             tg.create_task(agent.sample_loop(sampler), name="telemetry")
+            tg.create_task(agent.jobs.run_loop(), name="jobs")
             tg.create_task(_notify_ready(agent), name="ready")
             tg.create_task(session.run_loop(), name="broker-session")
             if watcher is not None:
@@ -210,6 +238,9 @@ async def run(
             "agent.stopped", reason="signal", dropped_total=agent.buffer.dropped_total
         )
     finally:
+        # Running jobs outlive the agent (systemd KillMode=process); the
+        # next agent process finds them again.
+        await agent.jobs.close()
         await asyncio.to_thread(collector.close)
 
 

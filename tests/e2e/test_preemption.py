@@ -56,3 +56,78 @@ async def _connected(broker) -> bool:
 
 async def _has(broker, kind: str) -> bool:
     return bool(await events_of(broker, kind))
+
+
+COUNTER_JOB = Path(__file__).with_name("counter_job.py")
+
+
+async def _job(broker, job_id: str) -> pb.JobView:
+    return await broker.admin().call("GetJob", pb.JobRequest(job_id=job_id))
+
+
+async def test_spot_notice_checkpoints_job_and_resumes_it_on_another_host(
+    tmp_path: Path, broker_factory, agent_factory
+) -> None:
+    import sys
+
+    server = MetadataServer("aws", instance_id="i-0aaa", region="us-east-1")
+    url = await asyncio.to_thread(server.start)
+    try:
+        broker = await broker_factory(policy=POLICY)
+        for instance_id, zone, base in (
+            ("i-0aaa", "us-east-1a", url),
+            ("i-0bbb", "us-east-1b", None),
+        ):
+            identity = IdentityConfig(
+                discover=False,
+                provider="aws",
+                region="us-east-1",
+                zone=zone,
+                instance_id=instance_id,
+                instance_type="g5.xlarge",
+                spot=True,
+                metadata_base=base,
+            )
+            cfg = agent_config(tmp_path, broker.addr, instance_id, identity=identity)
+            cfg.preemption.enabled = base is not None
+            await agent_factory(
+                cfg, NvmlCollector(FakeNvml([a10g(uuid=f"GPU-{zone}")]))
+            )
+        await eventually(lambda: _host_count(broker, 2))
+        spec = pb.JobSpec(
+            name="count",
+            gpus=1,
+            argv=[sys.executable, str(COUNTER_JOB), "100000"],
+            checkpoint_url=str(tmp_path / "ckpt"),
+        )
+        view = await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+        job_id = view.job_id
+
+        async def running_on(host: str) -> bool:
+            v = await _job(broker, job_id)
+            return v.state == "RUNNING" and v.host_id == host
+
+        await eventually(lambda: running_on("i-0aaa"))
+        await asyncio.sleep(0.5)
+        server.schedule_notice("spot-interruption", in_s=0)
+        await eventually(lambda: running_on("i-0bbb"), timeout_s=20)
+        final = await _job(broker, job_id)
+        kinds = [line.kind for line in final.history]
+        assert "job.checkpoint-saved" in kinds
+        assert "job.migrated" in kinds
+        assert final.steps_lost == 0
+        assert final.attempt == 2
+        saved_step = final.checkpoint_step
+        assert saved_step > 0
+        # The new attempt started from the checkpoint, not from zero.
+        log = tmp_path / "i-0bbb" / "jobs" / job_id / "2" / "output.log"
+        await eventually(lambda: log.exists() and "start step=" in log.read_text())
+        assert f"start step={saved_step}" in log.read_text()
+        await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def _host_count(broker, n: int) -> bool:
+    hosts = (await broker.admin().call("ListHosts", pb.ListHostsRequest())).hosts
+    return sum(h.status == "connected" for h in hosts) == n
