@@ -137,10 +137,15 @@ class Fleet:
         host.last_seen_s = time.time()
 
     def overdue(self, now_mono: float) -> list[HostState]:
-        """Connected hosts that missed ``lost_after_intervals`` heartbeats."""
+        """Hosts that missed ``lost_after_intervals`` heartbeats.
+
+        A host whose stream ended ("disconnected") is lost too once that
+        long has passed without a reconnect: its jobs must move on.
+        """
         limit = self.lost_after_s()
         return [
             h
             for h in self.hosts.values()
-            if h.status == LIVE and now_mono - h.last_rx_mono > limit
+            if h.status in (LIVE, "disconnected")
+            and now_mono - h.last_rx_mono > limit
         ]

@@ -137,8 +137,13 @@ class JobManager:
         reason: str = "admin",
         deadline_s: float = 0.0,
         avoid_zone: str = "",
+        notice_at_s: float = 0.0,
     ) -> pb.JobView:
-        """Checkpoints a running job and resumes it on another host."""
+        """Checkpoints a running job and resumes it on another host.
+
+        ``notice_at_s`` is when the cloud's notice was seen (on the agent),
+        for the notice-to-checkpoint and notice-to-resume figures.
+        """
         record = self.get(job_id)
         view = record.view
         if view.state != "RUNNING":
@@ -155,6 +160,7 @@ class JobManager:
             "reason": reason,
             "deadline_s": deadline_s,
             "started_at_s": now,
+            "notice_at_s": notice_at_s or now,
             "step_at_start": view.step,
             "avoid_zone": avoid_zone,
             "phase": "checkpointing",
@@ -213,11 +219,18 @@ class JobManager:
         view = record.view
         m = record.migration
         if u.state == "running" and view.state == "MIGRATING" and m:
-            lost = max(
-                0, int(m.get("step_at_start", -1)) - max(view.checkpoint_step, 0)
-            )
-            view.steps_lost += lost if m.get("fallback") else 0
+            reached = int(m.get("step_at_restore", m.get("step_at_start", -1)))
+            lost = max(0, reached - max(view.checkpoint_step, 0))
+            lost = lost if m.get("fallback") else 0
+            view.steps_lost += lost
             took = time.time() - float(m["started_at_s"])
+            metrics = self.core.metrics
+            metrics.notice_to_resume.observe(
+                max(0.0, time.time() - float(m.get("notice_at_s", m["started_at_s"])))
+            )
+            metrics.migrations.labels(m.get("reason", "?"), "resumed").inc()
+            if lost:
+                metrics.steps_lost.inc(lost)
             record.migration = None
             view.state = "RUNNING"
             await self._note(
@@ -252,6 +265,9 @@ class JobManager:
                 m["phase"] = "restore"
                 await self.drive(record)
         elif u.event == "checkpoint.saved" and view.state == "CHECKPOINTING" and m:
+            self.core.metrics.notice_to_checkpoint.observe(
+                max(0.0, time.time() - float(m.get("notice_at_s", m["started_at_s"])))
+            )
             m["phase"] = "restore"
             await self.drive(record)
         await self._save(record)
@@ -283,6 +299,7 @@ class JobManager:
                     reason=f"{notice.provider}-{notice.kind}",
                     deadline_s=notice.deadline_s,
                     avoid_zone=host.identity.zone,
+                    notice_at_s=notice.detected_at_s,
                 )
 
     async def host_gone(self, host: HostState) -> None:
@@ -319,6 +336,8 @@ class JobManager:
                     "deadline passed; resuming from the newest checkpoint",
                 )
                 await self.drive(record)
+            elif m["phase"] == "restore":
+                await self.drive(record)  # waiting for a host that fits
             elif (
                 m["phase"] == "restoring"
                 and now - float(m.get("restore_at_s", now)) > RESTORE_TIMEOUT_S
@@ -336,6 +355,7 @@ class JobManager:
         if len(m["tried"]) >= MAX_ATTEMPTS:
             view.state = "FAILED"
             record.migration = None
+            self.core.metrics.migrations.labels(m.get("reason", "?"), "failed").inc()
             await self._note(
                 record, "job.migration-failed", f"after {MAX_ATTEMPTS} targets"
             )
@@ -365,9 +385,13 @@ class JobManager:
         )
         if target is None:
             view.state = "MIGRATING"
-            await self._note(record, "job.waiting-for-host", "no host fits; retrying")
+            if not m.get("waiting"):
+                m["waiting"] = True
+                await self._note(record, "job.waiting-for-host", "no host fits yet")
             return
+        m.pop("waiting", None)
         m["tried"].append(target.host_id)
+        m.setdefault("step_at_restore", view.step)
         m["phase"] = "restoring"
         m["restore_at_s"] = time.time()
         view.state = "MIGRATING"

@@ -20,6 +20,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
     start_http_server,
 )
@@ -156,6 +157,28 @@ class BrokerMetrics:
             "gpufleet_broker_rejected_messages_total",
             "Agent messages refused, by reason.",
             ["reason"],
+        )
+        self.migrations = counter(
+            "gpufleet_job_migrations_total",
+            "Job migrations finished, by cause and outcome.",
+            ["reason", "outcome"],
+        )
+        self.notice_to_checkpoint = Histogram(
+            "gpufleet_job_notice_to_checkpoint_seconds",
+            "From a preemption notice to the job's checkpoint saved.",
+            registry=self.registry,
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+        )
+        self.notice_to_resume = Histogram(
+            "gpufleet_job_notice_to_resume_seconds",
+            "From a preemption notice to the job running on its new host.",
+            registry=self.registry,
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+        )
+        self.steps_lost = counter(
+            "gpufleet_job_steps_lost_total",
+            "Training steps redone because a migration resumed from an older "
+            "checkpoint.",
         )
         self._gpu_gauges = (
             self.gpu_util,

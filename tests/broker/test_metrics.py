@@ -83,16 +83,16 @@ def test_metrics_scrape_over_http_parses_and_names_follow_conventions(
     response = httpx.get(scrape, timeout=5)
     assert response.status_code == 200
     families = list(text_string_to_metric_families(response.text))
-    counters = {f.name for f in families if f.type == "counter"}
-    # prometheus_client adds a <counter>_created gauge beside each counter in
-    # the text format; it belongs to the counter, not to our naming.
+    counters = {f.name for f in families if f.type in ("counter", "histogram")}
+    # prometheus_client adds a <name>_created gauge beside each counter and
+    # histogram in the text format; it belongs to them, not to our naming.
     ours = [
         f
         for f in families
         if f.name.startswith("gpufleet_")
         and not (f.name.endswith("_created") and f.name[:-8] in counters)
     ]
-    assert len(ours) == 17
+    assert len(ours) == 21
     for family in ours:
         full = family.name + ("_total" if family.type == "counter" else "")
         assert full in UNITLESS_NAMES or full.endswith(UNIT_SUFFIXES), full

@@ -131,3 +131,69 @@ async def test_spot_notice_checkpoints_job_and_resumes_it_on_another_host(
 async def _host_count(broker, n: int) -> bool:
     hosts = (await broker.admin().call("ListHosts", pb.ListHostsRequest())).hosts
     return sum(h.status == "connected" for h in hosts) == n
+
+
+async def test_broker_restarted_mid_migration_finishes_it(
+    tmp_path: Path, broker_factory, agent_factory
+) -> None:
+    """The job waits for a host while the broker restarts; then it moves once."""
+    import sys
+
+    server = MetadataServer("aws", instance_id="i-0aaa", region="us-east-1")
+    url = await asyncio.to_thread(server.start)
+    try:
+        broker = await broker_factory(policy=POLICY)
+        port = int(broker.addr.rsplit(":", 1)[1])
+
+        def config(instance_id: str, zone: str, base: str | None):
+            identity = IdentityConfig(
+                discover=False,
+                provider="aws",
+                region="us-east-1",
+                zone=zone,
+                instance_id=instance_id,
+                instance_type="g5.xlarge",
+                spot=True,
+                metadata_base=base,
+            )
+            cfg = agent_config(tmp_path, broker.addr, instance_id, identity=identity)
+            cfg.preemption.enabled = base is not None
+            return cfg, NvmlCollector(FakeNvml([a10g(uuid=f"GPU-{zone}")]))
+
+        await agent_factory(*config("i-0aaa", "us-east-1a", url))
+        await eventually(lambda: _host_count(broker, 1))
+        spec = pb.JobSpec(
+            name="count",
+            gpus=1,
+            argv=[sys.executable, str(COUNTER_JOB), "100000"],
+            checkpoint_url=str(tmp_path / "ckpt"),
+        )
+        job_id = (
+            await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+        ).job_id
+        await eventually(lambda: _state_is(broker, job_id, "RUNNING"))
+        server.schedule_notice("spot-interruption", in_s=0)
+        # No other host: the job checkpoints and waits for one.
+        await eventually(lambda: _state_is(broker, job_id, "MIGRATING"), timeout_s=15)
+        await broker.shutdown()
+
+        broker2 = await broker_factory(policy=POLICY, port=port)
+        await eventually(lambda: _state_is(broker2, job_id, "MIGRATING"))
+        await agent_factory(*config("i-0bbb", "us-east-1b", None))
+
+        async def moved() -> bool:
+            v = await _job(broker2, job_id)
+            return v.state == "RUNNING" and v.host_id == "i-0bbb"
+
+        await eventually(moved, timeout_s=20)
+        final = await _job(broker2, job_id)
+        assert final.attempt == 2
+        assert final.steps_lost == 0
+        assert [h.kind for h in final.history].count("job.migrated") == 1
+        await broker2.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def _state_is(broker, job_id: str, state: str) -> bool:
+    return (await _job(broker, job_id)).state == state
