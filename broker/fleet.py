@@ -146,6 +146,5 @@ class Fleet:
         return [
             h
             for h in self.hosts.values()
-            if h.status in (LIVE, "disconnected")
-            and now_mono - h.last_rx_mono > limit
+            if h.status in (LIVE, "disconnected") and now_mono - h.last_rx_mono > limit
         ]
