@@ -18,7 +18,7 @@ import structlog
 from gpufleet.broker.admin_jobs import JobsMixin
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.events import SubscriberLaggedError
-from gpufleet.broker.fleet import HostState
+from gpufleet.broker.fleet import LIVE, HostState
 from gpufleet.proto import pb, rpc
 
 log = structlog.stdlib.get_logger(__name__)
@@ -123,6 +123,8 @@ class AdminServicer(JobsMixin, rpc.AdminServiceServicer):
     async def ListIdle(self, request, context):  # type: ignore[no-untyped-def]
         out = []
         for host in self.core.fleet.hosts.values():
+            if host.status != LIVE:
+                continue  # no live telemetry: nothing is known to be idle
             group = self.core.policy.group_for(host.facts())
             for row in host.reaper.idle_view(group):
                 if row.idle_since_s is None:

@@ -84,7 +84,9 @@ class AgentServicer(rpc.AgentServiceServicer):
         except* _StreamEnded:
             pass
         finally:
-            await self._unregister(host, session_id)
+            # gRPC cancels this handler when the peer goes away; the status
+            # change and its event must still be written.
+            await asyncio.shield(self._unregister(host, session_id))
 
     async def _register(self, hello: pb.Hello) -> HostState:
         # Limitation L-001 (docs/limitations.md#l-001): the host id is taken

@@ -8,6 +8,7 @@ agent and admin servicers call into.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -69,8 +70,15 @@ class BrokerCore:
     async def load_offline_hosts(self) -> None:
         """Reads the hosts the store knows, once, for the admin API."""
         for record in await self.store.list_hosts():
-            if record.host_id not in self.fleet.hosts:
-                self.offline_hosts[record.host_id] = record
+            if record.host_id in self.fleet.hosts:
+                continue
+            if record.status == LIVE:
+                # Connected to the broker that stopped; not to this one yet.
+                await self.store.set_host_status(
+                    record.host_id, "disconnected", time.time()
+                )
+                record = dataclasses.replace(record, status="disconnected")
+            self.offline_hosts[record.host_id] = record
 
     def bind_spawn(self, spawn: Spawn) -> None:
         self._spawn = spawn

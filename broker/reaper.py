@@ -186,7 +186,7 @@ class Reaper:
             action=decision.action,
             gpus=list(decision.gpu_uuids),
             idle_since_s=decision.idle_since_s,
-            at_s=decision.now_s,
+            sample_at_s=decision.now_s,
             pids=list(decision.pids),
         )
         log.info(

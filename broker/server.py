@@ -33,6 +33,7 @@ from gpufleet.broker.policy import FleetPolicy, default_policy, load_policy
 from gpufleet.broker.prices import PriceTable
 from gpufleet.broker.reaper import Reaper
 from gpufleet.broker.store import Store
+from gpufleet.errors import ConfigError
 from gpufleet.proto import MAX_MESSAGE_BYTES, rpc
 
 log = structlog.stdlib.get_logger(__name__)
@@ -48,6 +49,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # gRPC sets SO_REUSEPORT by default, which lets a second broker bind the
+    # same port and silently split the agents between the two.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -154,11 +158,20 @@ async def run_broker(
     rpc.add_AgentServiceServicer_to_server(AgentServicer(core), server)
     rpc.add_AdminServiceServicer_to_server(AdminServicer(core), server)
     creds = _credentials(cfg)
-    port = (
-        server.add_secure_port(cfg.listen, creds)
-        if creds
-        else server.add_insecure_port(cfg.listen)
-    )
+    try:
+        port = (
+            server.add_secure_port(cfg.listen, creds)
+            if creds
+            else server.add_insecure_port(cfg.listen)
+        )
+    except RuntimeError as exc:
+        await store.close()
+        raise ConfigError(
+            "broker configuration",
+            [f"listen: cannot bind {cfg.listen}: {exc}"],
+            hint="another broker may already listen there; stop it or choose "
+            "another port with --listen",
+        ) from None
     metrics_host, metrics_port = split_addr(cfg.metrics_listen)
     metrics_server = metrics.serve(host=metrics_host, port=metrics_port)
     if bound is not None:

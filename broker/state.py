@@ -303,7 +303,7 @@ class HostReaper:
         for uuid, tracker in sorted(self.trackers.items()):
             if tracker.idle_since_s is None or tracker.last is None:
                 continue
-            reason = decision.reason if blocked else ""
+            reason = decision.reason
             if blocked and decision.gpu_uuids and uuid not in decision.gpu_uuids:
                 reason = f"other-gpu:{reason}"
             views.append(
@@ -352,6 +352,10 @@ class HostReaper:
             return none("host-lost")
         if stale:
             return none("stale-telemetry")
+        # A host or label exemption is the reason, whatever its GPUs report.
+        early = self._exemption(group, now_s, ())
+        if early is not None and not early.startswith("exempt-process"):
+            return none(early)
         blocker = self._gpu_blocker(group, now_s)
         if blocker is not None:
             return none(*blocker)

@@ -6,12 +6,14 @@ environment, and turns gRPC failures into errors that say what to do.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import grpc
 
 from gpufleet.errors import AuthError, BrokerUnavailableError, GpufleetError
@@ -61,9 +63,10 @@ def _default_token_files() -> list[Path]:
     from gpufleet.broker.config import default_state_dir
 
     paths = []
-    env_dir = os.environ.get("GPUFLEET_STATE_DIR")
-    if env_dir:
-        paths.append(Path(env_dir) / "admin.token")
+    for name in ("GPUFLEET_STATE_DIR", "GPUFLEET_BROKER_STATE_DIR"):
+        env_dir = os.environ.get(name)
+        if env_dir:
+            paths.append(Path(env_dir) / "admin.token")
     paths.append(default_state_dir() / "admin.token")
     paths.append(Path("/var/lib/gpufleet/admin.token"))
     return list(dict.fromkeys(paths))
@@ -111,7 +114,19 @@ def translate(exc: grpc.RpcError, broker: str) -> GpufleetError:
     """Turns a gRPC error into one that names the cause and the remedy."""
     code = exc.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return BrokerUnavailableError(broker, exc.details() or code.name)
+        error = BrokerUnavailableError(broker, exc.details() or code.name)
+        if (
+            "Socket closed" in (exc.details() or "")
+            or "ssl" in (exc.details() or "").lower()
+        ):
+            # A TLS broker closes the socket on a client without a valid
+            # certificate; gRPC reports only that.
+            error.hint = (
+                "if the broker uses TLS, pass --tls-ca, --tls-cert and --tls-key "
+                "(or GPUFLEET_TLS_CA/_CERT/_KEY) with the admin certificate from "
+                "'gpufleet broker init-certs'"
+            )
+        return error
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthError(
             f"the broker at {broker} refused the admin token: {exc.details()}",
@@ -121,3 +136,38 @@ def translate(exc: grpc.RpcError, broker: str) -> GpufleetError:
     return GpufleetError(
         f"the broker at {broker} answered {code.name}: {exc.details()}"
     )
+
+
+def admin_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Lets ``--json``, ``--broker`` and ``--timeout`` follow the command too.
+
+    ``gpufleet idle --json`` then works as ``gpufleet --json idle`` does.
+    """
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        as_json: bool = False,
+        broker_addr: str | None = None,
+        timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        opts = click.get_current_context().obj
+        if as_json:
+            opts.json = True
+        if broker_addr:
+            opts.broker = broker_addr
+        if timeout_s:
+            opts.timeout_s = timeout_s
+        return func(*args, **kwargs)
+
+    options = (
+        click.option(
+            "--json", "as_json", is_flag=True, help="Print one JSON document."
+        ),
+        click.option("--broker", "broker_addr", help="Broker address HOST:PORT."),
+        click.option("--timeout", "timeout_s", type=float, help="Seconds to wait."),
+    )
+    for option in options:
+        wrapper = option(wrapper)
+    return wrapper

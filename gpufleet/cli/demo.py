@@ -1,4 +1,8 @@
-"""``gpufleet demo``: a simulated fleet reaped on real GPU traces."""
+"""``gpufleet demo``: a simulated fleet reaped on real GPU traces.
+
+``gpufleet demo migrate``: a real training job moved between two agents on a
+spot notice, its losses checked against an uninterrupted run.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import click
 from gpufleet import logs
 
 
-@click.command("demo")
+@click.group("demo", invoke_without_command=True)
 @click.option(
     "--hosts",
     "hosts_count",
@@ -48,7 +52,13 @@ def demo(
     max_seconds: float | None,
     no_live: bool,
 ) -> None:
-    """Run a broker and agents on loopback and reap idle GPUs on real traces."""
+    """Run a broker and agents on loopback and reap idle GPUs on real traces.
+
+    Without a subcommand: the idle-reaper demo. 'gpufleet demo migrate': the
+    preemption and migration demo.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from gpufleet.demo.run import run_demo
 
     logs.configure(ctx.meta.get("log_level") or "warning")
@@ -59,6 +69,62 @@ def demo(
         out_dir=out_dir,
         max_wall_s=max_seconds,
         live=not no_live,
+    )
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+@demo.command("migrate")
+@click.option(
+    "--steps",
+    type=click.IntRange(30, 100_000),
+    default=300,
+    show_default=True,
+    help="Training steps of the job.",
+)
+@click.option(
+    "--step-delay",
+    "step_delay_s",
+    type=click.FloatRange(0.0, 10.0),
+    default=0.08,
+    show_default=True,
+    help="Seconds the job sleeps per step (the losses do not depend on it).",
+)
+@click.option(
+    "--notice-at",
+    "notice_at_ratio",
+    type=click.FloatRange(0.05, 0.9),
+    default=1 / 3,
+    show_default="0.33",
+    help="Announce the spot interruption after this fraction of the steps.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep logs, checkpoints and the database here (default: a temp folder).",
+)
+@click.pass_context
+def migrate(
+    ctx: click.Context,
+    steps: int,
+    step_delay_s: float,
+    notice_at_ratio: float,
+    out_dir: Path | None,
+) -> None:
+    """Move a real PyTorch training job to another agent on a spot notice.
+
+    Exits 1 when steps were lost or the losses differ from an uninterrupted
+    run of the same job.
+    """
+    from gpufleet.demo.migrate import run_migrate_demo
+
+    logs.configure(ctx.find_root().meta.get("log_level") or "warning")
+    code = run_migrate_demo(
+        steps=steps,
+        step_delay_s=step_delay_s,
+        notice_at_ratio=notice_at_ratio,
+        out_dir=out_dir,
     )
     if code:
         raise click.exceptions.Exit(code)

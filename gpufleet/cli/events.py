@@ -6,7 +6,7 @@ import json
 
 import click
 
-from gpufleet.cli.client import AdminClient, ClientOptions
+from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
 from gpufleet.cli.output import print_json, to_dict, when
 from gpufleet.proto import pb
 
@@ -25,6 +25,7 @@ def _line(e: pb.Event) -> str:
 )
 @click.option("--kind", "kinds", multiple=True, help="Only these kinds (repeatable).")
 @click.option("--limit", type=int, default=100, show_default=True)
+@admin_options
 @click.pass_obj
 def events(
     opts: ClientOptions, follow: bool, since_id: int, kinds: tuple[str, ...], limit: int

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gpufleet.cli.client import AdminClient, ClientOptions
+from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
 from gpufleet.cli.output import (
     duration,
     gib,
@@ -32,6 +32,7 @@ def _call(opts: ClientOptions, method: str, request: object) -> object:
 
 
 @click.command("hosts")
+@admin_options
 @click.pass_obj
 def hosts(opts: ClientOptions) -> None:
     """List the hosts of the fleet and whether they report."""
@@ -76,6 +77,7 @@ def hosts(opts: ClientOptions) -> None:
 
 @click.command("gpus")
 @click.option("--host", "host_id", default="", help="Only this host's GPUs.")
+@admin_options
 @click.pass_obj
 def gpus(opts: ClientOptions, host_id: str) -> None:
     """List every GPU with its latest sample."""
@@ -134,6 +136,7 @@ def gpus(opts: ClientOptions, host_id: str) -> None:
 
 
 @click.command("idle")
+@admin_options
 @click.pass_obj
 def idle(opts: ClientOptions) -> None:
     """What is idle now, since when, and what the policy will do and when."""
@@ -176,6 +179,7 @@ def idle(opts: ClientOptions) -> None:
 
 
 @click.command("savings")
+@admin_options
 @click.pass_obj
 def savings(opts: ClientOptions) -> None:
     """GPU-hours and money saved by the reaper's actions."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gpufleet.cli.client import AdminClient, ClientOptions
+from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
 from gpufleet.cli.output import print_json, print_table, to_dict, when
 from gpufleet.errors import ConfigError
 from gpufleet.proto import pb
@@ -54,6 +54,7 @@ def jobs() -> None:
 @click.option("--env", "envs", multiple=True, help="KEY=VALUE for the job.")
 @click.option("--workdir", default="")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@admin_options
 @click.pass_obj
 def submit(
     opts: ClientOptions,
@@ -85,6 +86,7 @@ def submit(
 
 @jobs.command("list")
 @click.option("--state", default="", help="Only jobs in this state.")
+@admin_options
 @click.pass_obj
 def list_jobs(opts: ClientOptions, state: str) -> None:
     """List jobs."""
@@ -115,6 +117,7 @@ def list_jobs(opts: ClientOptions, state: str) -> None:
 
 @jobs.command("show")
 @click.argument("job_id")
+@admin_options
 @click.pass_obj
 def show(opts: ClientOptions, job_id: str) -> None:
     """A job's state and every step of its history."""
@@ -123,6 +126,7 @@ def show(opts: ClientOptions, job_id: str) -> None:
 
 @jobs.command("logs")
 @click.argument("job_id")
+@admin_options
 @click.pass_obj
 def logs(opts: ClientOptions, job_id: str) -> None:
     """The last lines of a job's output."""
@@ -135,6 +139,7 @@ def logs(opts: ClientOptions, job_id: str) -> None:
 
 @jobs.command("cancel")
 @click.argument("job_id")
+@admin_options
 @click.pass_obj
 def cancel(opts: ClientOptions, job_id: str) -> None:
     """Stop a job for good."""
@@ -143,6 +148,7 @@ def cancel(opts: ClientOptions, job_id: str) -> None:
 
 @jobs.command("checkpoint")
 @click.argument("job_id")
+@admin_options
 @click.pass_obj
 def checkpoint(opts: ClientOptions, job_id: str) -> None:
     """Ask a running job to checkpoint now."""
@@ -152,6 +158,7 @@ def checkpoint(opts: ClientOptions, job_id: str) -> None:
 @jobs.command("migrate")
 @click.argument("job_id")
 @click.option("--to", "to_host_id", default="", help="Target host (default: the best).")
+@admin_options
 @click.pass_obj
 def migrate(opts: ClientOptions, job_id: str, to_host_id: str) -> None:
     """Checkpoint a running job and resume it on another host."""

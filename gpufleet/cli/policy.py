@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from gpufleet.cli.client import AdminClient, ClientOptions
+from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
 from gpufleet.cli.output import print_json, when
 from gpufleet.errors import ConfigError
 from gpufleet.proto import pb
@@ -18,6 +18,7 @@ def policy() -> None:
 
 
 @policy.command("show")
+@admin_options
 @click.pass_obj
 def show(opts: ClientOptions) -> None:
     """Print the policy the broker applies now."""
@@ -37,6 +38,7 @@ def show(opts: ClientOptions) -> None:
 @policy.command("apply")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Validate only; change nothing.")
+@admin_options
 @click.pass_obj
 def apply(opts: ClientOptions, file: Path, dry_run: bool) -> None:
     """Validate FILE and make it the broker's policy."""

@@ -445,7 +445,7 @@ def test_idle_view_lists_idle_gpus_with_action_time_and_processes() -> None:
     assert views[0].idle_for_s == 540.0
     assert views[0].action_at_s == 1800.0
     assert views[0].processes == (JUPYTER,)
-    assert views[0].reason == ""
+    assert views[0].reason == "within-grace"
     assert (
         reaper.decide(GROUP, stale=False, lost=False, action_open=False).kind == "none"
     )

@@ -174,3 +174,39 @@ def test_cli_init_certs_writes_and_refuses_overwrite(tmp_path: Path, capsys) -> 
     assert main(["broker", "init-certs", str(out), "--agent", "a1"]) == 0
     assert (out / "ca.pem").exists() or any(out.iterdir())
     assert main(["broker", "init-certs", str(out), "--agent", "a1"]) != 0
+
+
+async def test_cli_common_options_may_follow_the_command(fleet, capsys) -> None:
+    code = await run_cli("hosts", "--json", "--broker", fleet.addr, "--token", TOKEN)
+    assert code == 2  # --token is global only: a usage error, said as such
+    capsys.readouterr()
+    code = await run_cli("--token", TOKEN, "hosts", "--json", "--broker", fleet.addr)
+    assert code == 0
+    assert "hosts" in json.loads(capsys.readouterr().out)
+
+
+async def test_cli_second_broker_on_a_taken_port_exits_2(fleet, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "gpufleet",
+            "broker",
+            "serve",
+            "--listen",
+            fleet.addr,
+            "--metrics-listen",
+            f"127.0.0.1:{_free_port()}",
+            "--state-dir",
+            str(tmp_path / "second"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot bind {fleet.addr}" in proc.stderr
