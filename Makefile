@@ -25,6 +25,7 @@ venv: $(VENV)/.stamp-base
 
 demo: $(VENV)/.stamp-base
 	$(VENV)/bin/gpufleet demo
+	$(VENV)/bin/gpufleet demo migrate
 
 test: $(VENV)/.stamp-dev
 	$(VENV)/bin/pytest -q

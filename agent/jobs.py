@@ -46,7 +46,7 @@ MAX_EVENT_LINE_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 1 << 20
 # step.progress may come every training step; the broker needs it only to
 # count lost steps, so it is forwarded at most this often.
-PROGRESS_REPORT_INTERVAL_S = 5.0
+PROGRESS_REPORT_INTERVAL_S = 1.0
 # Finished jobs stay in snapshot() this long, so a broker that was away while
 # a job ended still hears how it ended.
 FINISHED_RETENTION_S = 24 * 3600.0

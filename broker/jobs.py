@@ -179,7 +179,13 @@ class JobManager:
         else:
             record.migration["phase"] = "restore"
         await self._note(
-            record, "job.checkpointing", f"{reason}; deadline {deadline_s:.0f}"
+            record,
+            "job.checkpointing",
+            (
+                f"{reason}; {max(0.0, deadline_s - now):.0f} s to the deadline"
+                if deadline_s
+                else reason
+            ),
         )
         await self.drive(record)
         return view
@@ -188,8 +194,17 @@ class JobManager:
 
     async def on_update(self, host: HostState, update: pb.JobUpdate) -> None:
         record = self.jobs.get(update.job_id)
-        if record is None or update.attempt != record.view.attempt:
-            return  # unknown job, or a late word from an earlier attempt
+        if record is None:
+            return
+        m = record.migration
+        if update.attempt != record.view.attempt:
+            # A late word from an earlier attempt: only how far it got
+            # matters, for the steps a fallback loses.
+            if m is not None and update.attempt == record.view.attempt - 1:
+                m["step_at_restore"] = max(
+                    int(m.get("step_at_restore", -1)), update.step
+                )
+            return
         view = record.view
         if update.step >= 0:
             view.step = max(view.step, update.step)
@@ -218,7 +233,12 @@ class JobManager:
     ) -> None:
         view = record.view
         m = record.migration
-        if u.state == "running" and view.state == "MIGRATING" and m:
+        # A resumed job has migrated once it says it restored (or trains);
+        # a process that starts and dies in its restore has not.
+        restored = u.event in ("checkpoint.restored", "step.progress") or (
+            not view.checkpoint_url
+        )
+        if u.state == "running" and view.state == "MIGRATING" and m and restored:
             reached = int(m.get("step_at_restore", m.get("step_at_start", -1)))
             lost = max(0, reached - max(view.checkpoint_step, 0))
             lost = lost if m.get("fallback") else 0
@@ -428,7 +448,8 @@ class JobManager:
         busy = {
             u
             for r in self.jobs.values()
-            if r.view.state in ACTIVE
+            # A started job holds its GPUs before its agent reports it runs.
+            if r.view.state in ACTIVE or (r.view.state == "PENDING" and r.view.host_id)
             for u in r.view.gpu_uuids
         }
         out = []

@@ -71,6 +71,10 @@ class RestoreReport:
     rejected: list[Candidate] = field(default_factory=list)
 
 
+# How often step() reports progress to the agent, at most.
+PROGRESS_INTERVAL_S = 1.0
+
+
 class Checkpointer:
     """Saves and restores a training run; see docs/job-sdk.md for the loop.
 
@@ -112,6 +116,7 @@ class Checkpointer:
         self._step = 0
         self._saved_step: int | None = None
         self._last_save_at = time.monotonic()
+        self._last_progress_at = 0.0
         self._resume_position: DataPosition | None = None
         self._epoch_rng: dict[str, Any] | None = None
         self._coalesced = False
@@ -298,6 +303,12 @@ class Checkpointer:
             pos_batch = batch + 1 if batch is not None else 0
             self.data_position = DataPosition(epoch, pos_batch, self._epoch_rng)
         self._report_results()
+        now = time.monotonic()
+        if now - self._last_progress_at >= PROGRESS_INTERVAL_S:
+            # The broker learns how far the job got, for the steps a
+            # migration that falls back to an older checkpoint loses.
+            self._last_progress_at = now
+            self._emit("step.progress", step=step)
         requested = self._due_requested()
         if requested or self._due_periodic():
             return self.save(requested=requested)

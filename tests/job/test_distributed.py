@@ -83,8 +83,7 @@ def test_two_ranks_save_through_dcp_and_restore_each_rank_state(tmp_path: Path) 
     assert manifest["world_size"] == 2
     assert ".metadata" in manifest["files"]
     assert any(name.startswith("__1_") for name in manifest["files"])
-    kinds = [
-        json.loads(line)["event"]
-        for line in (tmp_path / "events.jsonl").read_text().splitlines()
-    ]
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["event"] for line in lines]
+    kinds = [k for k in kinds if k != "step.progress"]
     assert kinds == ["checkpoint.saved", "checkpoint.restored"]
