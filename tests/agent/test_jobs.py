@@ -259,7 +259,7 @@ async def test_step_progress_reported_at_most_every_interval(state_dir: Path) ->
     sup, rec = make(state_dir, clock=lambda: now[0])
     await sup.start(start_cmd("prog", py("import time; time.sleep(30)")))
     events = state_dir / "jobs" / "prog" / "1" / "events.jsonl"
-    for step, advance_s in ((1, 0.0), (2, 1.0), (3, 10.0)):
+    for step, advance_s in ((1, 0.0), (2, 0.5), (3, 10.0)):
         now[0] += advance_s
         with events.open("a") as fh:
             fh.write(json.dumps({"event": "step.progress", "step": step}) + "\n")
