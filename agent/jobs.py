@@ -47,6 +47,9 @@ READ_CHUNK_BYTES = 1 << 20
 # step.progress may come every training step; the broker needs it only to
 # count lost steps, so it is forwarded at most this often.
 PROGRESS_REPORT_INTERVAL_S = 1.0
+# With no live job the loop only looks for jobs gone while the agent was
+# away, and a start wakes it at once.
+IDLE_POLL_INTERVAL_S = 5.0
 # Finished jobs stay in snapshot() this long, so a broker that was away while
 # a job ended still hears how it ended.
 FINISHED_RETENTION_S = 24 * 3600.0
@@ -321,6 +324,9 @@ class JobSupervisor:
         self._starting: set[str] = set()
         self._pending: list[pb.JobUpdate] = []
         self._closing = asyncio.Event()
+        # Set when a job starts, so that an agent without jobs does not wake
+        # five times a second for nothing.
+        self._job_started = asyncio.Event()
         self.events_skipped_total = 0
         # Reports made while rediscovering wait for run_loop: the caller's
         # outbox may not exist before the constructor returns.
@@ -350,6 +356,7 @@ class JobSupervisor:
 
         key = (job.job_id, job.attempt)
         self._jobs[key] = job
+        self._job_started.set()
         self._tails[key] = _Tail(offset=offset)
         self._children[key] = popen
         detail = f"started job {job.job_id} attempt {job.attempt} as pid {job.pid}"
@@ -435,9 +442,20 @@ class JobSupervisor:
         self._pending.clear()
         while not self._closing.is_set():
             await self.poll()
+            live = any(j.state not in FINAL_STATES for j in self._jobs.values())
+            self._job_started.clear()
+            wait_s = self._poll_interval_s if live else IDLE_POLL_INTERVAL_S
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_interval_s):
-                    await self._closing.wait()
+                async with asyncio.timeout(wait_s):
+                    closing = asyncio.ensure_future(self._closing.wait())
+                    started = asyncio.ensure_future(self._job_started.wait())
+                    try:
+                        await asyncio.wait(
+                            {closing, started}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        closing.cancel()
+                        started.cancel()
 
     async def poll(self) -> None:
         """One round: every live job's new events, then its exit if it ended."""
