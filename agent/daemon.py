@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -56,6 +56,11 @@ class Agent:
         self.first_sample = asyncio.Event()
         self.session: BrokerSession | None = None
         self.notices: list[pb.PreemptionNoticeReport] = []
+        # Azure waits for its Scheduled Events to be acknowledged; an event
+        # is acknowledged once every job that ran at the notice has saved.
+        self.notice_source: object | None = None
+        self.pending_acks: dict[str, set[str]] = {}
+        self.spawn: Callable[[Awaitable[None]], None] | None = None
         self.jobs = JobSupervisor(cfg.state_dir, report=self.report_job)
         self.samples_total = 0
 
@@ -83,6 +88,10 @@ class Agent:
             raw_json=json.dumps(notice.raw, default=str)[:65536],
         )
         self.notices.append(report)
+        if notice.evacuate and notice.provider == "azure":
+            running = {u.job_id for u in self.jobs.snapshot() if u.state == "running"}
+            self.pending_acks[notice.key] = running
+            await self._acknowledge_ready()
         if notice.evacuate:
             # Checkpoint at once, before the broker's request arrives: the
             # notice window is short and the broker may be unreachable.
@@ -101,6 +110,22 @@ class Agent:
     def report_job(self, update: pb.JobUpdate) -> None:
         if self.session is not None:
             self.session.post(pb.AgentMessage(job_update=update))
+        if self.pending_acks and (
+            update.event == "checkpoint.saved"
+            or update.state in ("succeeded", "failed", "stopped")
+        ):
+            for waiting in self.pending_acks.values():
+                waiting.discard(update.job_id)
+            if self.spawn is not None:
+                self.spawn(self._acknowledge_ready())
+
+    async def _acknowledge_ready(self) -> None:
+        acknowledge = getattr(self.notice_source, "acknowledge", None)
+        for key, waiting in list(self.pending_acks.items()):
+            if not waiting and acknowledge is not None:
+                del self.pending_acks[key]
+                await acknowledge(key)
+                log.info("notice.acknowledged", key=key)
 
     def resend(self) -> list[pb.AgentMessage]:
         """What to send again after a reconnect: notices of this boot and
@@ -199,6 +224,7 @@ async def run(
         **bases,
     )
     watcher = _notice_watcher(cfg, agent.identity, bases)
+    agent.notice_source = watcher.source if watcher is not None else None
     structlog.contextvars.bind_contextvars(node_id=agent.identity.host_id)
     log.info(
         "agent.started",
@@ -215,6 +241,8 @@ async def run(
 
             def spawn(coro: Awaitable[None]) -> None:
                 tg.create_task(coro, name="command")  # type: ignore[arg-type]
+
+            agent.spawn = spawn
 
             session = agent.session = BrokerSession(
                 cfg,

@@ -38,6 +38,8 @@ def on_signal(signum: int, frame: object) -> None:
 signal.signal(signal.SIGUSR1, on_signal)
 step = 0
 if resume:
+    # A slow restore, for tests that kill the target while it restores.
+    time.sleep(float(os.environ.get("COUNTER_RESUME_DELAY_S", "0")))
     step = json.loads(Path(resume).read_text())["step"]
     emit("checkpoint.restored", step=step, url=resume, exact=True, skipped=[])
 print(f"start step={step}", flush=True)

@@ -197,3 +197,116 @@ async def test_broker_restarted_mid_migration_finishes_it(
 
 async def _state_is(broker, job_id: str, state: str) -> bool:
     return (await _job(broker, job_id)).state == state
+
+
+async def test_target_killed_during_restore_is_replaced(
+    tmp_path: Path, broker_factory, agent_factory
+) -> None:
+    import subprocess
+    import sys
+
+    server = MetadataServer("aws", instance_id="i-0aaa", region="us-east-1")
+    url = await asyncio.to_thread(server.start)
+    marker = f"marker-{tmp_path.name}"
+    try:
+        broker = await broker_factory(policy=POLICY)
+        handles = {}
+        for instance_id, zone, base in (
+            ("i-0aaa", "us-east-1a", url),
+            ("i-0bbb", "us-east-1b", None),
+            ("i-0ccc", "us-east-1c", None),
+        ):
+            identity = IdentityConfig(
+                discover=False,
+                provider="aws",
+                region="us-east-1",
+                zone=zone,
+                instance_id=instance_id,
+                instance_type="g5.xlarge",
+                spot=True,
+                metadata_base=base,
+            )
+            cfg = agent_config(tmp_path, broker.addr, instance_id, identity=identity)
+            cfg.preemption.enabled = base is not None
+            gpu = a10g(uuid=f"GPU-{zone}")
+            handles[instance_id] = await agent_factory(
+                cfg, NvmlCollector(FakeNvml([gpu]))
+            )
+        await eventually(lambda: _host_count(broker, 3))
+        spec = pb.JobSpec(
+            name="count",
+            gpus=1,
+            argv=[sys.executable, str(COUNTER_JOB), "100000", marker],
+            checkpoint_url=str(tmp_path / "ckpt"),
+            env={"COUNTER_RESUME_DELAY_S": "5"},
+        )
+        job_id = (
+            await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+        ).job_id
+        await eventually(lambda: _state_is(broker, job_id, "RUNNING"))
+        assert (await _job(broker, job_id)).host_id == "i-0aaa"
+        server.schedule_notice("spot-interruption", in_s=0)
+
+        async def restoring_on_b() -> bool:
+            v = await _job(broker, job_id)
+            return v.state == "MIGRATING" and v.host_id == "i-0bbb"
+
+        await eventually(restoring_on_b, timeout_s=15)
+        # The target dies while it restores: its agent and its job go.
+        await handles["i-0bbb"].shutdown()
+        await asyncio.to_thread(subprocess.run, ["pkill", "-f", marker])
+
+        async def running_on_c() -> bool:
+            v = await _job(broker, job_id)
+            return v.state == "RUNNING" and v.host_id == "i-0ccc"
+
+        await eventually(running_on_c, timeout_s=30)
+        final = await _job(broker, job_id)
+        assert final.attempt == 3
+        assert [h.kind for h in final.history].count("job.migrated") == 1
+        await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+    finally:
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(subprocess.run, ["pkill", "-f", marker])
+
+
+async def test_azure_preempt_is_acknowledged_once_the_job_saved(
+    tmp_path: Path, broker_factory, agent_factory
+) -> None:
+    import sys
+
+    server = MetadataServer("azure", vm_name="gpu-vm-1", region="eastus")
+    url = await asyncio.to_thread(server.start)
+    try:
+        broker = await broker_factory(policy=POLICY)
+        identity = IdentityConfig(
+            discover=False,
+            provider="azure",
+            region="eastus",
+            zone="1",
+            instance_id="vm-1",
+            instance_type="Standard_NC4as_T4_v3",
+            spot=True,
+            metadata_base=url,
+        )
+        cfg = agent_config(tmp_path, broker.addr, "vm-1", identity=identity)
+        handle = await agent_factory(cfg, NvmlCollector(FakeNvml([a10g()])))
+        await eventually(lambda: _host_count(broker, 1))
+        spec = pb.JobSpec(
+            name="count",
+            gpus=1,
+            argv=[sys.executable, str(COUNTER_JOB), "100000"],
+            checkpoint_url=str(tmp_path / "ckpt"),
+        )
+        job_id = (
+            await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+        ).job_id
+        await eventually(lambda: _state_is(broker, job_id, "RUNNING"))
+        server.schedule_notice("preempted", in_s=0)
+        await eventually(lambda: bool(server.acknowledged), timeout_s=15)
+        assert handle.agent.pending_acks == {}
+        job = await _job(broker, job_id)
+        assert job.checkpoint_step > 0
+        await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+    finally:
+        await asyncio.to_thread(server.stop)
