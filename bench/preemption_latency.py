@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--notices", type=int, default=30)
     p.add_argument("--wave", type=int, default=10, help="agents at a time in (a)")
-    p.add_argument("--poll-interval-s", type=float, default=1.0)
+    p.add_argument("--poll-interval-s", type=float, default=0.5)
     p.add_argument("--state-gib", type=float, default=1.0)
     p.add_argument("--skip-a", action="store_true")
     p.add_argument("--skip-b", action="store_true")
