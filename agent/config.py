@@ -43,6 +43,9 @@ class ReplayConfig:
     start_wall_s: float | None = None
     origin_s: float | None = None
     gpu_name: str = "NVIDIA A10G (replay)"
+    # Mixed into replayed GPU uuids; None: the agent's name, so that two
+    # agents replaying the same trace have distinct GPUs.
+    uuid_salt: str | None = None
     mem_total_bytes: int = 24 * 1024**3
 
 

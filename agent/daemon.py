@@ -208,6 +208,8 @@ async def run(
             loop.add_signal_handler(sig, stop.set)
 
     if collector is None:
+        if cfg.replay.uuid_salt is None:
+            cfg.replay.uuid_salt = cfg.name or socket.gethostname()
         collector = await asyncio.to_thread(
             detect_collector, cfg.collector, replay=cfg.replay
         )

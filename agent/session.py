@@ -35,6 +35,28 @@ Spawn = Callable[[Awaitable[None]], None]
 STALL_INTERVALS = 4
 
 
+def _stream_error(group: BaseExceptionGroup) -> BaseException:
+    """The one error a failed stream's task group stands for."""
+    leaves: list[BaseException] = []
+
+    def flatten(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                flatten(inner)
+        else:
+            leaves.append(error)
+
+    flatten(group)
+    for kind in (AgentRefusedError, grpc.RpcError, StreamStalledError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    for leaf in leaves:
+        if not isinstance(leaf, Exception):
+            return leaf  # KeyboardInterrupt and the like go on up
+    return StreamStalledError(f"the stream failed: {leaves[0]!r}")
+
+
 class AgentRefusedError(Exception):
     """The broker refused this agent (for instance, an unsupported version)."""
 
@@ -83,6 +105,11 @@ class BrokerSession:
                 log.error("broker.refused", reason=str(exc))
                 attempt = max(attempt, 6)
             except (grpc.RpcError, StreamStalledError, OSError) as exc:
+                self._note_failure(exc, attempt)
+            except Exception as exc:
+                # Whatever else a broken stream raises must not end the
+                # agent: it keeps sampling and tries again.
+                log.exception("broker.session_failed", attempt=attempt + 1)
                 self._note_failure(exc, attempt)
             finally:
                 self.connected.clear()
@@ -177,10 +204,11 @@ class BrokerSession:
                     tg.create_task(self._write_loop(call), name="session-write")
                     tg.create_task(self._read_loop(call), name="session-read")
                     tg.create_task(self._send_loop(), name="session-send")
-            except* grpc.RpcError as group:
-                raise group.exceptions[0] from None
-            except* StreamStalledError as group:
-                raise group.exceptions[0] from None
+            except BaseExceptionGroup as group:
+                # A broker going away ends the stream with several errors at
+                # once (the RPC's own, "RPC already finished" from a pending
+                # write); all of them mean "reconnect", except a refusal.
+                raise _stream_error(group) from None
             finally:
                 self._outbox = None
                 call.cancel()

@@ -74,7 +74,7 @@ class AdminServicer(JobsMixin, rpc.AdminServiceServicer):
         hosts = [
             pb.HostView(
                 identity=h.identity,
-                status=h.status,
+                status="leaving" if h.leaving and h.status == LIVE else h.status,
                 last_seen_s=h.last_seen_s,
                 agent_version=h.agent_version,
                 labels=h.labels,

@@ -152,6 +152,15 @@ class JobManager:
             raise JobError(
                 f"no host {to_host_id!r}", hint="'gpufleet hosts' lists them"
             )
+        if to_host_id == view.host_id:
+            raise JobError(f"job {job_id} already runs on {to_host_id}")
+        if to_host_id and not self._target(view.spec, frozenset(), "", "", to_host_id):
+            raise JobError(
+                f"host {to_host_id} cannot take job {job_id} now: it is not "
+                "connected, is leaving, or has too few free GPUs of the kind "
+                "the job needs",
+                hint="'gpufleet hosts' and 'gpufleet gpus' show what is free",
+            )
         source = self.core.fleet.hosts.get(view.host_id)
         now = time.time()
         record.migration = {
@@ -238,7 +247,13 @@ class JobManager:
         restored = u.event in ("checkpoint.restored", "step.progress") or (
             not view.checkpoint_url
         )
-        if u.state == "running" and view.state == "MIGRATING" and m and restored:
+        restoring = m is not None and m.get("phase") == "restoring"
+        if (
+            u.state == "running"
+            and view.state == "MIGRATING"
+            and restoring
+            and restored
+        ):
             reached = int(m.get("step_at_restore", m.get("step_at_start", -1)))
             lost = max(0, reached - max(view.checkpoint_step, 0))
             lost = lost if m.get("fallback") else 0
@@ -381,7 +396,8 @@ class JobManager:
             )
             return
         source = self.core.fleet.hosts.get(m["from"])
-        if source is not None and source.outbox is not None:
+        if source is not None and source.outbox is not None and not m.get("stopped"):
+            m["stopped"] = True
             await self._send(
                 source,
                 pb.Command(

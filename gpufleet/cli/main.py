@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     # its own level goes to stderr.
     logs.configure("debug" if debug else "warning")
     try:
-        cli.main(args=argv, prog_name="gpufleet", standalone_mode=False)
+        # Without standalone mode Click returns a command's exit code (from
+        # click.exceptions.Exit) instead of raising it.
+        code = cli.main(args=argv, prog_name="gpufleet", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         return EXIT_INTERRUPTED
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return EXIT_FAILED
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _error(exc: GpufleetError, debug: bool) -> None:

@@ -329,7 +329,16 @@ def _outcome(
     steps: int,
 ) -> Outcome:
     ev1, ev2 = events(folder1 / "events.jsonl"), events(folder2 / "events.jsonl")
-    saved = first_at(ev1, "checkpoint.saved", requested=True)
+    # The save the notice asked for, or a periodic one that fell on the same
+    # step: the first save at or after the notice.
+    saved = next(
+        (
+            e
+            for e in ev1
+            if e.get("event") == "checkpoint.saved" and e["at_s"] >= notice_at_s
+        ),
+        {},
+    )
     saved_step = int(saved.get("step", -1))
     at_notice = [
         int(e["step"])

@@ -83,3 +83,25 @@ async def test_session_duplicate_command_runs_once_and_is_answered_twice(
         sent.append(session._outbox.get_nowait().WhichOneof("body"))
     assert sent.count("command_result") == 2
     assert sent.count("command_ack") == 3
+
+
+def test_session_mixed_stream_errors_mean_reconnect_not_crash() -> None:
+    import grpc
+
+    from gpufleet.agent.session import (
+        AgentRefusedError,
+        StreamStalledError,
+        _stream_error,
+    )
+
+    class Unavailable(grpc.RpcError):
+        pass
+
+    mixed = BaseExceptionGroup(
+        "", [Unavailable(), ExceptionGroup("", [asyncio.InvalidStateError("done")])]
+    )
+    assert isinstance(_stream_error(mixed), grpc.RpcError)
+    only_odd = ExceptionGroup("", [asyncio.InvalidStateError("RPC already finished")])
+    assert isinstance(_stream_error(only_odd), StreamStalledError)
+    refused = ExceptionGroup("", [Unavailable(), AgentRefusedError("old")])
+    assert isinstance(_stream_error(refused), AgentRefusedError)
