@@ -76,10 +76,18 @@ class CommandLedger:
     def _load(self, path: Path) -> None:
         try:
             entries = json.loads(path.read_text())
+            if not isinstance(entries, list):
+                raise ValueError(f"expected a list, found {type(entries).__name__}")
             for entry in entries:
                 result = json_format.ParseDict(entry, pb.CommandResult())
                 self._results[result.command_id] = result
-        except (OSError, ValueError, json_format.ParseError) as exc:
+        except (
+            OSError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            json_format.ParseError,
+        ) as exc:
             # A damaged ledger must not stop the agent; the broker's own
             # record still prevents a second run of a finished command.
             log.warning("ledger.unreadable", path=str(path), error=str(exc))

@@ -135,6 +135,11 @@ class AgentConfig:
             )
         require(
             p,
+            1 <= self.max_batch_samples <= 100_000,
+            f"max_batch_samples: must be in 1..100000, got {self.max_batch_samples}",
+        )
+        require(
+            p,
             self.buffer_max_samples >= 100,
             f"buffer_max_samples: must be >= 100, got {self.buffer_max_samples}",
         )

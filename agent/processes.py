@@ -9,6 +9,7 @@ that GPU. Only the named pids are signalled, never their process groups.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 import signal
 import time
@@ -150,7 +151,9 @@ async def kill_gpu_processes(
     sampled_names = {p.pid: p.name for p in latest.processes}
     for pid in dict.fromkeys(cmd.pids):
         comm = read_comm(root, pid)
-        if comm and comm in protected:
+        if comm and any(
+            fnmatch.fnmatchcase(comm, name) or comm == name[:15] for name in protected
+        ):
             notes.append(f"pid {pid} skipped: {comm!r} is protected")
         elif comm and sampled_names.get(pid) and comm != sampled_names[pid]:
             # The pid now names a different program than the sample saw.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -184,7 +185,10 @@ class BrokerSession:
                 )
             if kind != "welcome":
                 raise StreamStalledError(f"expected welcome, got {kind}")
-            self.heartbeat_interval_s = first.welcome.heartbeat_interval_s or 5.0
+            interval_s = first.welcome.heartbeat_interval_s
+            if not math.isfinite(interval_s) or not 0.05 <= interval_s <= 600:
+                interval_s = 5.0  # a broker's nonsense must not blind the agent
+            self.heartbeat_interval_s = interval_s
             self.connects_total += 1
             self.connected.set()
             log.info(
@@ -262,6 +266,17 @@ class BrokerSession:
 
     def _send_batch(self) -> None:
         samples = self._buffer.take(self._cfg.max_batch_samples)
+        # Keep a batch well under the message limit: a backlog of samples
+        # with long process lists would otherwise never get through.
+        size, keep = 0, len(samples)
+        for i, sample in enumerate(samples):
+            size += sample.ByteSize() + 8
+            if size > MAX_MESSAGE_BYTES // 2 and i > 0:
+                keep = i
+                break
+        if keep < len(samples):
+            self._buffer.put_back(samples[keep:])
+            samples = samples[:keep]
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         self._in_flight[batch_id] = samples

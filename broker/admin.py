@@ -171,8 +171,12 @@ class AdminServicer(JobsMixin, rpc.AdminServiceServicer):
         for a in actions:
             hours, money = a.gpu_hours_saved or 0.0, a.money_saved_usd or 0.0
             if a.ended_at_s is None and a.state == "done" and not a.dry_run:
-                # Still off: accrue up to the fleet's sample clock.
-                off_h = max(0.0, clock - a.started_at_s) / 3600
+                # Still off: accrue up to the host's own sample clock (the
+                # fleet's when the host is gone), so that one host's clock
+                # cannot inflate another's savings.
+                owner = self.core.fleet.hosts.get(a.host_id)
+                now_s = owner.newest_sample_s if owner else clock
+                off_h = max(0.0, now_s - a.started_at_s) / 3600
                 hours = off_h * (len(a.gpu_uuids) or 1)
                 money = off_h * a.usd_per_hour
             total_hours += hours

@@ -28,6 +28,8 @@ HELLO_TIMEOUT_S = 10.0
 MAX_GPUS_PER_HOST = 64
 MAX_ID_CHARS = 256
 OUTBOX_SIZE = 1000
+# Byte counts are stored as signed 64-bit integers; no GPU comes near this.
+MAX_BYTES = 2**62
 
 
 class HelloError(Exception):
@@ -107,7 +109,12 @@ class AgentServicer(rpc.AgentServiceServicer):
             host.outbox = None
         host.identity = identity
         host.labels = dict(hello.labels)
-        host.reaper.host = host.facts()
+        # Every announced GPU has a tracker from the start, so that a GPU
+        # that never reports keeps the host from looking idle; a new hello
+        # starts the host's idle state afresh.
+        host.reaper = HostReaper(
+            host_facts(identity, hello.labels), [g.uuid for g in hello.gpus]
+        )
         host.agent_version = hello.agent_version
         host.session_id = core.fleet.new_session_id()
         host.outbox = asyncio.Queue(maxsize=OUTBOX_SIZE)
@@ -225,6 +232,8 @@ def _check_hello(message: pb.AgentMessage) -> pb.Hello:
         raise HelloError(
             f"{len(hello.gpus)} GPUs announced; at most {MAX_GPUS_PER_HOST} per host"
         )
+    if any(g.mem_total_bytes >= MAX_BYTES for g in hello.gpus):
+        raise HelloError("a GPU's mem_total_bytes is beyond any real GPU")
     uuids = [g.uuid for g in hello.gpus]
     if len(set(uuids)) != len(uuids) or any(
         not u or len(u) > MAX_ID_CHARS for u in uuids
@@ -244,6 +253,11 @@ def _check_sample(sample: pb.GpuSample, gpu: GpuState | None) -> str | None:
     # garbage, unless it is a replay whose clock runs ahead by design.
     if gpu.info.vendor != "replay" and ts > time.time() + 86400:
         return "bad-timestamp"
+    if ts > 4.1e9:  # past the year 2099: garbage, replay or not
+        return "bad-timestamp"
+    for name in ("mem_used_bytes", "mem_total_bytes"):
+        if sample.HasField(name) and getattr(sample, name) >= MAX_BYTES:
+            return "bad-value"
     for name in ("util_ratio", "sm_active_ratio", "mem_util_ratio"):
         if sample.HasField(name):
             value = getattr(sample, name)

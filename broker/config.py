@@ -87,9 +87,22 @@ class BrokerConfig:
             )
         require(
             p,
-            self.heartbeat_interval_s > 0,
-            f"heartbeat_interval_s: must be > 0, got {self.heartbeat_interval_s}",
+            0 < self.heartbeat_interval_s <= 600,
+            f"heartbeat_interval_s: must be in (0, 600], got "
+            f"{self.heartbeat_interval_s}",
         )
+        require(
+            p,
+            0 < self.history_bucket_s <= 86400,
+            f"history_bucket_s: must be in (0, 86400], got {self.history_bucket_s}",
+        )
+        for name in ("ca", "cert", "key"):
+            value = getattr(self.tls, name)
+            require(
+                p,
+                value is None or Path(value).is_file(),
+                f"tls.{name}: no such file: {value}",
+            )
         require(
             p,
             self.lost_after_intervals >= 2,
@@ -124,7 +137,7 @@ class BrokerConfig:
 
 def _split_addr(value: str) -> tuple[str, int] | None:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         return None
     return host.strip("[]"), int(port)
 

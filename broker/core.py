@@ -22,7 +22,7 @@ from gpufleet.broker.fleet import LIVE, Fleet, GpuState, HostState
 from gpufleet.broker.metrics import BrokerMetrics
 from gpufleet.broker.policy import FleetPolicy, load_policy
 from gpufleet.broker.store import Downsampler, HostRecord, Store
-from gpufleet.errors import ConfigError
+from gpufleet.errors import ConfigError, GpufleetError
 from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
@@ -66,6 +66,29 @@ class BrokerCore:
         # need the core).
         self.reaper: object | None = None
         self.jobs: Any = None
+
+    async def fail_interrupted_actions(self) -> None:
+        """Marks actions a stopped broker left pending as failed.
+
+        Whether the cloud call went through is unknown; leaving the action
+        open would keep the host from ever being acted on again.
+        """
+        for action in await self.store.list_actions(limit=10_000):
+            if action.state == "pending" and action.ended_at_s is None:
+                detail = "the broker stopped during the action; its outcome is unknown"
+                await self.store.update_action(
+                    action.action_id,
+                    state="failed",
+                    detail=detail,
+                    ended_at_s=action.started_at_s,
+                )
+                await self.events.emit(
+                    "reaper.action-failed",
+                    host_id=action.host_id,
+                    cause="broker-restart",
+                    action_id=action.action_id,
+                    detail=detail,
+                )
 
     async def load_offline_hosts(self) -> None:
         """Reads the hosts the store knows, once, for the admin API."""
@@ -249,8 +272,27 @@ class BrokerCore:
             await self.store.set_command_state(command.command_id, "sent")
 
     async def resend_pending_commands(self, host: HostState) -> None:
+        now = time.time()
         for record in await self.store.pending_commands(host.host_id):
             command = pb.Command.FromString(record.payload)
+            age_s = now - command.issued_at_s
+            if record.kind == "kill_processes" and age_s > self.policy.stale_after_s:
+                # The idle period that justified it may be over; a kill is
+                # only ever sent fresh.
+                detail = f"expired: issued {age_s:.0f} s ago, not delivered in time"
+                await self.store.set_command_state(record.command_id, "failed", detail)
+                await self.events.emit(
+                    "command.expired",
+                    host_id=host.host_id,
+                    cause="reconnect",
+                    command_id=record.command_id,
+                    age_s=round(age_s, 1),
+                )
+                if self.reaper is not None and record.action_id:
+                    await self.reaper.command_finished(  # type: ignore[attr-defined]
+                        host, record.action_id, "failed", detail
+                    )
+                continue
             if host.send(pb.BrokerMessage(command=command)):
                 log.info("command.resent", command_id=record.command_id)
 
@@ -290,7 +332,7 @@ class BrokerCore:
     async def apply_policy(self, text: str, *, dry_run: bool) -> list[str]:
         """Validates and (unless dry_run) applies a policy; returns problems."""
         try:
-            policy = load_policy(text, source="policy")
+            policy = await asyncio.to_thread(load_policy, text, "policy")
         except ConfigError as exc:
             return exc.problems
         if dry_run:
@@ -312,16 +354,25 @@ class BrokerCore:
             interval_s = self.fleet.heartbeat_interval_s()
             await asyncio.sleep(min(interval_s, 5.0))
             for host in self.fleet.overdue(time.monotonic()):
-                await self.set_status(host, "lost", cause="missed-heartbeats")
-                if self.jobs is not None:
-                    await self.jobs.host_gone(host)
+                try:
+                    await self.set_status(host, "lost", cause="missed-heartbeats")
+                    if self.jobs is not None:
+                        await self.jobs.host_gone(host)
+                except GpufleetError as exc:
+                    host.status = "lost"
+                    log.error("store.write_failed", error=str(exc))
             seen = {
                 h.host_id: h.last_seen_s
                 for h in self.fleet.hosts.values()
                 if h.status == LIVE
             }
             if seen:
-                await self.store.touch_hosts(seen)
+                try:
+                    await self.store.touch_hosts(seen)
+                except GpufleetError as exc:
+                    # A full disk or a read-only database must not end the
+                    # broker; the fleet view in memory stays right.
+                    log.error("store.write_failed", error=str(exc))
             for h in self.fleet.hosts.values():
                 self.metrics.set_host(h.host_id, h.status == LIVE, h.last_seen_s)
 

@@ -68,6 +68,11 @@ class HostState:
     def host_id(self) -> str:
         return self.identity.host_id
 
+    @property
+    def replay(self) -> bool:
+        """Whether the host replays a trace (its sample clock is its own)."""
+        return any(g.info.vendor == "replay" for g in self.gpus.values())
+
     def facts(self) -> HostFacts:
         return host_facts(self.identity, self.labels)
 

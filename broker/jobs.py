@@ -215,6 +215,8 @@ class JobManager:
                 )
             return
         view = record.view
+        if host.host_id != view.host_id:
+            return  # only the host the job runs on speaks for it
         if update.step >= 0:
             view.step = max(view.step, update.step)
         if update.log_tail:

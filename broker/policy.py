@@ -12,6 +12,7 @@ import difflib
 import fnmatch
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -205,7 +206,12 @@ def load_policy(text: str, source: str = "policy") -> FleetPolicy:
     doc = _parse_yaml(text, problems)
     if problems:
         raise ConfigError(source, problems, hint=_HINT)
-    policy = _Reader(problems).fleet(doc)
+    try:
+        policy = _Reader(problems).fleet(doc)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        # Odd YAML (a list as a key, a 400-digit number, deep nesting) must
+        # give an answer, not a crash of the broker's admin call.
+        problems.append(f"document: cannot be read: {type(exc).__name__}: {exc}"[:300])
     if problems:
         raise ConfigError(source, problems, hint=_HINT)
     return policy
@@ -232,7 +238,23 @@ _MISSING = object()
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key given twice in one mapping."""
+    """A safe loader that refuses a key given twice in one mapping, and a
+    document with so many aliases that expanding it could exhaust memory
+    (the "billion laughs" document is a few hundred bytes)."""
+
+    MAX_ALIASES = 20
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):  # type: ignore[no-untyped-call]
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > self.MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"more than {self.MAX_ALIASES} aliases; a policy needs none",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+        return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
 
 
 def _construct_unique_mapping(
@@ -259,6 +281,9 @@ _UniqueKeyLoader.add_constructor(
 def _parse_yaml(text: str, problems: list[str]) -> Any:
     try:
         doc = yaml.load(text, Loader=_UniqueKeyLoader)
+    except (TypeError, ValueError, RecursionError) as exc:
+        problems.append(f"yaml: cannot be read: {type(exc).__name__}"[:300])
+        return None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -634,5 +659,11 @@ def parse_hhmm(value: str) -> int | None:
 def _describe(value: Any) -> str:
     if value is _MISSING:
         return "nothing"
-    text = repr(value)
+    # reprlib bounds the work too: a value built from aliases can be huge.
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 4, 4
+_REPR.maxstring = _REPR.maxother = 60

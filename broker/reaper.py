@@ -68,7 +68,13 @@ class Reaper:
                 i += 1
             if host.open_action_id is not None:
                 await self._check_back(host, ts)
-            stale = host.stale(time.monotonic(), self.core.policy.stale_after_s)
+            stale_after_s = self.core.policy.stale_after_s
+            stale = host.stale(time.monotonic(), stale_after_s) or (
+                # A backlog sent after an outage is history: the reaper may
+                # not act on what the GPU did minutes ago. A replay runs on
+                # its own clock and is exempt from this check.
+                not host.replay and time.time() - ts > stale_after_s
+            )
             decision = host.reaper.decide(
                 group,
                 stale=stale,
@@ -156,7 +162,23 @@ class Reaper:
             host.open_action_id = existing.action_id
             host.open_action_kind = existing.kind
             return
+        if await self._acted_in_run(host, decision):
+            return
         await self._act(host, getattr(group, "name", "default"), decision)
+
+    async def _acted_in_run(self, host: HostState, decision: Decision) -> bool:
+        """Whether an action was already taken in this idle run.
+
+        The state machine remembers this in memory; the store remembers it
+        across broker restarts and agent reconnects.
+        """
+        since = decision.idle_since_s
+        if since is None:
+            return False
+        for action in await self.core.store.list_actions(limit=200):
+            if action.host_id == host.host_id and action.started_at_s >= since:
+                return True
+        return False
 
     async def _act(self, host: HostState, group_name: str, decision: Decision) -> None:
         core = self.core

@@ -143,6 +143,7 @@ async def run_broker(
         history_bucket_s=cfg.history_bucket_s,
     )
     await core.load_offline_hosts()
+    await core.fail_interrupted_actions()
     prices = PriceTable.load(cfg.prices_file)
     core.jobs = JobManager(core, JobStore(store), prices)
     await core.jobs.load()

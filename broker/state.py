@@ -28,7 +28,8 @@ from gpufleet.broker.policy import (
 from gpufleet.proto import pb
 
 _HEALTH = {
-    pb.GPU_HEALTH_UNSPECIFIED: "ok",
+    # A sample that does not say how the GPU is cannot vouch for it.
+    pb.GPU_HEALTH_UNSPECIFIED: "error",
     pb.GPU_HEALTH_OK: "ok",
     pb.GPU_HEALTH_LOST: "lost",
     pb.GPU_HEALTH_ERROR: "error",
@@ -448,7 +449,13 @@ class HostReaper:
         for proc in processes:
             basename = proc.name.rsplit("/", 1)[-1]
             for pattern in ex.process_names:
-                if _glob(proc.name, pattern) or _glob(basename, pattern):
+                # /proc/<pid>/comm holds at most 15 characters.
+                short = pattern[:15]
+                if (
+                    _glob(proc.name, pattern)
+                    or _glob(basename, pattern)
+                    or (len(proc.name) == 15 and _glob(proc.name, short))
+                ):
                     return f"exempt-process:{basename}"
         for window in ex.windows:
             if in_window(window, now_s):

@@ -213,3 +213,21 @@ def test_group_needs_processes_when_rule_exemption_or_action_reads_them() -> Non
     assert not GroupPolicy().needs_processes
     assert GroupPolicy(idle=IdleRule(max_processes=0)).needs_processes
     assert GroupPolicy(action="kill-processes").needs_processes
+
+
+def test_policy_alias_bomb_is_refused_fast() -> None:
+    import time
+
+    from gpufleet.broker.policy import load_policy
+    from gpufleet.errors import ConfigError
+
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev = chr(ord("a") + i - 1)
+        cur = chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]")
+    lines.append("default: {action: *i}")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="aliases"):
+        load_policy("\n".join(lines))
+    assert time.monotonic() - started < 1.0

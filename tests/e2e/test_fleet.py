@@ -275,3 +275,40 @@ async def test_fleet_follow_events_streams_new_events(
         call.cancel()
     assert seen[0] == "broker.started"
     assert seen[-1] == "host.connected"
+
+
+async def test_fleet_backlog_after_outage_never_triggers_an_action(
+    tmp_path: Path, broker_factory, agent_factory
+) -> None:
+    """Idle samples buffered during an outage are history, not a reason."""
+    policy = """\
+fleet: test
+stale_after_s: 0.5
+default:
+  grace_window_s: 0.3
+  warn_before_s: 0.1
+  debounce_observations: 1
+  action: notify
+"""
+    broker = await broker_factory(policy=policy)
+    port = int(broker.addr.rsplit(":", 1)[1])
+    gpu = a10g(util_pct=90)
+    handle = await agent_factory(
+        agent_config(tmp_path, broker.addr, "backlog"), NvmlCollector(FakeNvml([gpu]))
+    )
+    await eventually(lambda: handle.agent.samples_total > 5)
+    await broker.shutdown()
+    gpu.util_pct = 0
+    await asyncio.sleep(1.5)  # an idle run longer than the grace window
+    gpu.util_pct = 90
+    await asyncio.sleep(0.2)
+    broker2 = await broker_factory(policy=policy, port=port)
+    await eventually(
+        lambda: handle.agent.buffer.dropped_total == 0 and _drained(handle)
+    )
+    await asyncio.sleep(1.0)
+    assert await events_of(broker2, "reaper.acting") == []
+
+
+def _drained(handle) -> bool:
+    return len(handle.agent.buffer) == 0
