@@ -160,6 +160,26 @@ class Agent:
                 next_tick = now + interval_s - ((now - next_tick) % interval_s)
             await asyncio.sleep(next_tick - now)
 
+    def _busy_elsewhere(self, kill: pb.KillProcesses) -> list[str]:
+        """Named pids that also hold another GPU that is not idle."""
+        named = set(kill.pids)
+        found = []
+        for uuid, sample in self.latest.items():
+            if uuid == kill.gpu_uuid:
+                continue
+            activity = (
+                sample.sm_active_ratio
+                if sample.HasField("sm_active_ratio")
+                else sample.util_ratio
+                if sample.HasField("util_ratio")
+                else None
+            )
+            idle = activity is not None and activity <= kill.max_activity_ratio
+            for proc in sample.processes:
+                if proc.pid in named and not idle:
+                    found.append(f"pid {proc.pid} also runs on busy GPU {uuid}")
+        return found
+
     async def execute(self, command: pb.Command) -> pb.CommandResult:
         """Runs one broker command and returns its result."""
         kind = command.WhichOneof("action")
@@ -177,6 +197,12 @@ class Agent:
                 gpu_uuid=kill.gpu_uuid,
                 pids=list(kill.pids),
             )
+            busy = self._busy_elsewhere(kill)
+            if busy:
+                return pb.CommandResult(
+                    status=pb.COMMAND_STATUS_REFUSED,
+                    detail="refused: " + "; ".join(busy) + "; nothing was signalled",
+                )
             return await kill_gpu_processes(kill, self.latest.get(kill.gpu_uuid))
         return pb.CommandResult(
             status=pb.COMMAND_STATUS_REFUSED,

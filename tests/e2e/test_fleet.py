@@ -312,3 +312,33 @@ default:
 
 def _drained(handle) -> bool:
     return len(handle.agent.buffer) == 0
+
+
+async def test_fleet_kill_refused_when_the_process_is_busy_on_another_gpu(
+    tmp_path: Path, broker_factory, agent_factory
+) -> None:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)"
+    )
+    try:
+        idle = a10g(uuid="GPU-idle", util_pct=0, processes=[(child.pid, 2 * 1024**3)])
+        busy = a10g(uuid="GPU-busy", util_pct=95, processes=[(child.pid, 2 * 1024**3)])
+        collector = NvmlCollector(FakeNvml([idle, busy]))
+        cfg = agent_config(tmp_path, "127.0.0.1:1", "two")
+        handle = await agent_factory(cfg, collector)
+        command = pb.Command(
+            command_id="k1",
+            kill_processes=pb.KillProcesses(
+                gpu_uuid="GPU-idle",
+                pids=[child.pid],
+                term_timeout_s=1,
+                max_activity_ratio=0.05,
+            ),
+        )
+        result = await handle.agent.execute(command)
+        assert result.status == pb.COMMAND_STATUS_REFUSED
+        assert "busy GPU GPU-busy" in result.detail
+        assert child.returncode is None
+    finally:
+        child.kill()
+        await child.wait()
