@@ -329,15 +329,15 @@ def _outcome(
     steps: int,
 ) -> Outcome:
     ev1, ev2 = events(folder1 / "events.jsonl"), events(folder2 / "events.jsonl")
-    # The save the notice asked for, or a periodic one that fell on the same
-    # step: the first save at or after the notice.
+    # The checkpoint the job resumed from is the one that counts: the save
+    # the notice asked for, or a periodic one that came right after it.
+    restored_step = int(first_at(ev2, "checkpoint.restored").get("step", -2))
+    # (A periodic save can land just before the notice and serve it.)
+    saves = [e for e in ev1 if e.get("event") == "checkpoint.saved"]
+    after_notice = [e for e in saves if e["at_s"] >= notice_at_s]
     saved = next(
-        (
-            e
-            for e in ev1
-            if e.get("event") == "checkpoint.saved" and e["at_s"] >= notice_at_s
-        ),
-        {},
+        (e for e in saves if int(e.get("step", -1)) == restored_step),
+        after_notice[0] if after_notice else {},
     )
     saved_step = int(saved.get("step", -1))
     at_notice = [
@@ -372,7 +372,7 @@ def _print(
     console: Console, o: Outcome, state: str, work: Path, codes: list[int]
 ) -> None:
     def since(at_s: float) -> str:
-        return f"{at_s - o.notice_at_s:.2f} s" if at_s else "never"
+        return f"{max(0.0, at_s - o.notice_at_s):.2f} s" if at_s else "never"
 
     console.print()
     for kind, detail in o.history:
