@@ -54,9 +54,15 @@ class Reaper:
         """Feeds samples to the host's state machine and acts on decisions.
 
         Decisions are taken at each distinct sample time, so that a replay
-        delivering many samples per batch decides as real time would.
+        delivering many samples per batch decides as real time would; but
+        no action is taken on a batch whose newest samples show work (a
+        backlog that ends busy is no reason to act on its idle past).
         """
         group = self.core.policy.group_for(host.facts())
+        newest = {sample.gpu_uuid: sample for _, sample in pairs}
+        ends_busy = any(
+            _active(s, group.idle.max_activity_ratio) for s in newest.values()
+        )
         i = 0
         while i < len(pairs):
             ts = pairs[i][1].timestamp_s
@@ -81,6 +87,8 @@ class Reaper:
                 lost=host.status != LIVE,
                 action_open=host.open_action_id is not None,
             )
+            if decision.kind == "act" and ends_busy:
+                continue
             if decision.kind != "none":
                 await self._handle(host, group, decision)
         for uuid in {gpu.info.uuid for gpu, _ in pairs}:
@@ -312,3 +320,11 @@ class Reaper:
             state=state,
             detail=detail,
         )
+
+
+def _active(sample: pb.GpuSample, max_activity_ratio: float) -> bool:
+    """Whether a sample shows work above the policy's idle threshold."""
+    for name in ("sm_active_ratio", "util_ratio"):
+        if sample.HasField(name):
+            return float(getattr(sample, name)) > max_activity_ratio
+    return False
