@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpufleet.config import load_config, require
+from gpufleet.config import load_validated, require
 from gpufleet.errors import ConfigError
 
 COLLECTORS = ("auto", "nvidia", "amd", "replay")
@@ -179,13 +179,10 @@ def load_agent_config(
     path: Path | None, overrides: dict[str, object] | None = None
 ) -> AgentConfig:
     """Loads and validates the agent configuration."""
-    problems: list[str] = []
-    cfg = load_config(
+    return load_validated(
         AgentConfig,
-        path=path,
+        path,
         env_prefix="GPUFLEET_AGENT_",
         overrides=overrides,
-        problems=problems,
+        what="agent configuration",
     )
-    cfg.validate(str(path) if path else "agent configuration", problems)
-    return cfg

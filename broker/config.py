@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpufleet.config import load_config, require
+from gpufleet.config import load_validated, require
 from gpufleet.errors import ConfigError
 
 
@@ -162,13 +162,10 @@ def load_broker_config(
     path: Path | None, overrides: dict[str, object] | None = None
 ) -> BrokerConfig:
     """Loads and validates the broker configuration."""
-    problems: list[str] = []
-    cfg = load_config(
+    return load_validated(
         BrokerConfig,
-        path=path,
+        path,
         env_prefix="GPUFLEET_BROKER_",
         overrides=overrides,
-        problems=problems,
+        what="broker configuration",
     )
-    cfg.validate(str(path) if path else "broker configuration", problems)
-    return cfg

@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
@@ -187,6 +187,33 @@ def _scalar(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
 def _article(name: str) -> str:
     words = {"int": "an integer", "float": "a number", "bool": "true or false"}
     return words.get(name, f"a {name}")
+
+
+class Validated(Protocol):
+    """A configuration that checks itself after loading."""
+
+    def validate(self, source: str, problems: list[str] | None = None) -> None: ...
+
+
+V = TypeVar("V", bound=Validated)
+
+
+def load_validated(
+    cls: type[V],
+    path: Path | None,
+    *,
+    env_prefix: str,
+    overrides: Mapping[str, Any] | None,
+    what: str,
+) -> V:
+    """Loads ``cls`` like ``load_config``, then validates it, reporting the
+    loading problems and the validation problems in one ConfigError."""
+    problems: list[str] = []
+    cfg = load_config(
+        cls, path=path, env_prefix=env_prefix, overrides=overrides, problems=problems
+    )
+    cfg.validate(str(path) if path else what, problems)
+    return cfg
 
 
 def require(problems: list[str], ok: bool, message: str) -> None:
