@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from gpufleet.agent.collectors.nvml import NvmlCollector
-from gpufleet.agent.config import IdentityConfig
+from gpufleet.agent.config import AgentConfig, IdentityConfig
 from gpufleet.dev.metadata_server import MetadataServer
 from gpufleet.proto import pb
 from tests.e2e.conftest import agent_config, events_of, eventually
@@ -61,6 +61,26 @@ async def _has(broker, kind: str) -> bool:
 COUNTER_JOB = Path(__file__).with_name("counter_job.py")
 
 
+def spot_agent(
+    tmp_path: Path, broker_addr: str, instance_id: str, zone: str, base: str | None
+) -> tuple[AgentConfig, NvmlCollector]:
+    """An agent on an AWS spot host with one A10G; it watches for notices
+    only when given a metadata server's URL."""
+    identity = IdentityConfig(
+        discover=False,
+        provider="aws",
+        region="us-east-1",
+        zone=zone,
+        instance_id=instance_id,
+        instance_type="g5.xlarge",
+        spot=True,
+        metadata_base=base,
+    )
+    cfg = agent_config(tmp_path, broker_addr, instance_id, identity=identity)
+    cfg.preemption.enabled = base is not None
+    return cfg, NvmlCollector(FakeNvml([a10g(uuid=f"GPU-{zone}")]))
+
+
 async def _job(broker, job_id: str) -> pb.JobView:
     return await broker.admin().call("GetJob", pb.JobRequest(job_id=job_id))
 
@@ -78,20 +98,8 @@ async def test_spot_notice_checkpoints_job_and_resumes_it_on_another_host(
             ("i-0aaa", "us-east-1a", url),
             ("i-0bbb", "us-east-1b", None),
         ):
-            identity = IdentityConfig(
-                discover=False,
-                provider="aws",
-                region="us-east-1",
-                zone=zone,
-                instance_id=instance_id,
-                instance_type="g5.xlarge",
-                spot=True,
-                metadata_base=base,
-            )
-            cfg = agent_config(tmp_path, broker.addr, instance_id, identity=identity)
-            cfg.preemption.enabled = base is not None
             await agent_factory(
-                cfg, NvmlCollector(FakeNvml([a10g(uuid=f"GPU-{zone}")]))
+                *spot_agent(tmp_path, broker.addr, instance_id, zone, base)
             )
         await eventually(lambda: _host_count(broker, 2))
         spec = pb.JobSpec(
@@ -146,19 +154,7 @@ async def test_broker_restarted_mid_migration_finishes_it(
         port = int(broker.addr.rsplit(":", 1)[1])
 
         def config(instance_id: str, zone: str, base: str | None):
-            identity = IdentityConfig(
-                discover=False,
-                provider="aws",
-                region="us-east-1",
-                zone=zone,
-                instance_id=instance_id,
-                instance_type="g5.xlarge",
-                spot=True,
-                metadata_base=base,
-            )
-            cfg = agent_config(tmp_path, broker.addr, instance_id, identity=identity)
-            cfg.preemption.enabled = base is not None
-            return cfg, NvmlCollector(FakeNvml([a10g(uuid=f"GPU-{zone}")]))
+            return spot_agent(tmp_path, broker.addr, instance_id, zone, base)
 
         await agent_factory(*config("i-0aaa", "us-east-1a", url))
         await eventually(lambda: _host_count(broker, 1))
@@ -216,21 +212,8 @@ async def test_target_killed_during_restore_is_replaced(
             ("i-0bbb", "us-east-1b", None),
             ("i-0ccc", "us-east-1c", None),
         ):
-            identity = IdentityConfig(
-                discover=False,
-                provider="aws",
-                region="us-east-1",
-                zone=zone,
-                instance_id=instance_id,
-                instance_type="g5.xlarge",
-                spot=True,
-                metadata_base=base,
-            )
-            cfg = agent_config(tmp_path, broker.addr, instance_id, identity=identity)
-            cfg.preemption.enabled = base is not None
-            gpu = a10g(uuid=f"GPU-{zone}")
             handles[instance_id] = await agent_factory(
-                cfg, NvmlCollector(FakeNvml([gpu]))
+                *spot_agent(tmp_path, broker.addr, instance_id, zone, base)
             )
         await eventually(lambda: _host_count(broker, 3))
         spec = pb.JobSpec(
