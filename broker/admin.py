@@ -97,9 +97,7 @@ class AdminServicer(JobsMixin, rpc.AdminServiceServicer):
         hosts.sort(key=lambda v: v.identity.host_id)
         return pb.ListHostsResponse(hosts=hosts)
 
-    def _group_of(self, host: HostState | None) -> str:
-        if host is None:
-            return ""
+    def _group_of(self, host: HostState) -> str:
         return str(self.core.policy.group_for(host.facts()).name)
 
     async def ListGpus(self, request, context):  # type: ignore[no-untyped-def]
