@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from gpufleet.proto import pb
+
+
+class FingerprintError(ValueError):
+    """A fingerprint that is malformed or whose key does not match its fields."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,53 @@ class HardwareFingerprint:
         """A short stable id, e.g. for cache folders and catalog keys."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        """A short human name, e.g. ``NVIDIA A10G (8.6, 24 GiB)``."""
+        return f"{self.product} ({self.compute_capability}, {self.mem_total_gib} GiB)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "key": self.key}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HardwareFingerprint:
+        """Reads a fingerprint written by ``to_dict``; checks types and key."""
+        if not isinstance(data, dict):
+            raise FingerprintError("a fingerprint must be a JSON object")
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            value = data.get(field.name, field.default)
+            wanted = int if field.type in ("int", int) else str
+            if type(value) is not wanted:
+                raise FingerprintError(
+                    f"fingerprint field {field.name!r} must be {wanted.__name__}, "
+                    f"got {type(value).__name__}"
+                )
+            if wanted is str and len(value) > 128:
+                raise FingerprintError(f"fingerprint field {field.name!r} is too long")
+            if wanted is int and not 0 <= value <= 1_000_000:
+                raise FingerprintError(f"fingerprint field {field.name!r} is absurd")
+            values[field.name] = value
+        fingerprint = cls(**values)
+        claimed = data.get("key")
+        if claimed is not None and claimed != fingerprint.key:
+            raise FingerprintError(
+                f"fingerprint key {claimed!r} does not match its fields "
+                f"(they give {fingerprint.key!r})"
+            )
+        return fingerprint
+
+    def to_proto(self) -> pb.KernelFingerprint:
+        return pb.KernelFingerprint(key=self.key, **asdict(self))
+
+    @classmethod
+    def from_proto(cls, message: pb.KernelFingerprint) -> HardwareFingerprint:
+        """Reads a fingerprint from the wire; the key must match the fields."""
+        data: dict[str, Any] = {f.name: getattr(message, f.name) for f in fields(cls)}
+        if message.key:
+            data["key"] = message.key
+        return cls.from_dict(data)
 
 
 def fingerprint_of(

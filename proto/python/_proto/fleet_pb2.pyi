@@ -41,7 +41,7 @@ COMMAND_STATUS_REFUSED: CommandStatus
 COMMAND_STATUS_FAILED: CommandStatus
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "telemetry", "command_ack", "command_result", "heartbeat", "notice", "job_update")
+    __slots__ = ("hello", "telemetry", "command_ack", "command_result", "heartbeat", "notice", "job_update", "kernel_report")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ACK_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class AgentMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     JOB_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_REPORT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     telemetry: TelemetryBatch
     command_ack: CommandAck
@@ -56,22 +57,25 @@ class AgentMessage(_message.Message):
     heartbeat: Heartbeat
     notice: PreemptionNoticeReport
     job_update: JobUpdate
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., notice: _Optional[_Union[PreemptionNoticeReport, _Mapping]] = ..., job_update: _Optional[_Union[JobUpdate, _Mapping]] = ...) -> None: ...
+    kernel_report: KernelReport
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., notice: _Optional[_Union[PreemptionNoticeReport, _Mapping]] = ..., job_update: _Optional[_Union[JobUpdate, _Mapping]] = ..., kernel_report: _Optional[_Union[KernelReport, _Mapping]] = ...) -> None: ...
 
 class BrokerMessage(_message.Message):
-    __slots__ = ("welcome", "refusal", "command", "batch_ack")
+    __slots__ = ("welcome", "refusal", "command", "batch_ack", "kernel_report_ack")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     BATCH_ACK_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_REPORT_ACK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     refusal: Refusal
     command: Command
     batch_ack: BatchAck
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., batch_ack: _Optional[_Union[BatchAck, _Mapping]] = ...) -> None: ...
+    kernel_report_ack: KernelReportAck
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., batch_ack: _Optional[_Union[BatchAck, _Mapping]] = ..., kernel_report_ack: _Optional[_Union[KernelReportAck, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("agent_version", "protocol_version", "host", "gpus", "labels", "sent_at_s")
+    __slots__ = ("agent_version", "protocol_version", "host", "gpus", "labels", "sent_at_s", "kernel_fingerprints")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,13 +89,15 @@ class Hello(_message.Message):
     GPUS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_S_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     protocol_version: int
     host: HostIdentity
     gpus: _containers.RepeatedCompositeFieldContainer[GpuInfo]
     labels: _containers.ScalarMap[str, str]
     sent_at_s: float
-    def __init__(self, agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., host: _Optional[_Union[HostIdentity, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., sent_at_s: _Optional[float] = ...) -> None: ...
+    kernel_fingerprints: _containers.RepeatedCompositeFieldContainer[KernelFingerprint]
+    def __init__(self, agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., host: _Optional[_Union[HostIdentity, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., sent_at_s: _Optional[float] = ..., kernel_fingerprints: _Optional[_Iterable[_Union[KernelFingerprint, _Mapping]]] = ...) -> None: ...
 
 class HostIdentity(_message.Message):
     __slots__ = ("host_id", "hostname", "provider", "region", "zone", "instance_id", "instance_type", "spot", "project")
@@ -224,20 +230,24 @@ class Refusal(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., supported_protocol_versions: _Optional[_Iterable[int]] = ..., broker_version: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("command_id", "issued_at_s", "kill_processes", "start_job", "checkpoint_job", "stop_job")
+    __slots__ = ("command_id", "issued_at_s", "kill_processes", "start_job", "checkpoint_job", "stop_job", "install_kernels", "evict_kernels")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_S_FIELD_NUMBER: _ClassVar[int]
     KILL_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     START_JOB_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_JOB_FIELD_NUMBER: _ClassVar[int]
     STOP_JOB_FIELD_NUMBER: _ClassVar[int]
+    INSTALL_KERNELS_FIELD_NUMBER: _ClassVar[int]
+    EVICT_KERNELS_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     issued_at_s: float
     kill_processes: KillProcesses
     start_job: StartJob
     checkpoint_job: CheckpointJob
     stop_job: StopJob
-    def __init__(self, command_id: _Optional[str] = ..., issued_at_s: _Optional[float] = ..., kill_processes: _Optional[_Union[KillProcesses, _Mapping]] = ..., start_job: _Optional[_Union[StartJob, _Mapping]] = ..., checkpoint_job: _Optional[_Union[CheckpointJob, _Mapping]] = ..., stop_job: _Optional[_Union[StopJob, _Mapping]] = ...) -> None: ...
+    install_kernels: InstallKernels
+    evict_kernels: EvictKernels
+    def __init__(self, command_id: _Optional[str] = ..., issued_at_s: _Optional[float] = ..., kill_processes: _Optional[_Union[KillProcesses, _Mapping]] = ..., start_job: _Optional[_Union[StartJob, _Mapping]] = ..., checkpoint_job: _Optional[_Union[CheckpointJob, _Mapping]] = ..., stop_job: _Optional[_Union[StopJob, _Mapping]] = ..., install_kernels: _Optional[_Union[InstallKernels, _Mapping]] = ..., evict_kernels: _Optional[_Union[EvictKernels, _Mapping]] = ...) -> None: ...
 
 class PreemptionNoticeReport(_message.Message):
     __slots__ = ("provider", "kind", "action", "key", "deadline_s", "detected_at_s", "evacuate", "detail", "raw_json")
@@ -671,3 +681,191 @@ class ListEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class KernelFingerprint(_message.Message):
+    __slots__ = ("key", "vendor", "product", "compute_capability", "mem_total_gib", "driver_major", "runtime", "triton", "multiprocessors")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VENDOR_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    MEM_TOTAL_GIB_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_MAJOR_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    TRITON_FIELD_NUMBER: _ClassVar[int]
+    MULTIPROCESSORS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    vendor: str
+    product: str
+    compute_capability: str
+    mem_total_gib: int
+    driver_major: str
+    runtime: str
+    triton: str
+    multiprocessors: int
+    def __init__(self, key: _Optional[str] = ..., vendor: _Optional[str] = ..., product: _Optional[str] = ..., compute_capability: _Optional[str] = ..., mem_total_gib: _Optional[int] = ..., driver_major: _Optional[str] = ..., runtime: _Optional[str] = ..., triton: _Optional[str] = ..., multiprocessors: _Optional[int] = ...) -> None: ...
+
+class KernelEntry(_message.Message):
+    __slots__ = ("slot_key", "kernel", "source_hash", "candidates_hash", "fingerprint", "tuning_key", "config", "winner_ms", "default_ms", "tuned_by", "tuned_at_s", "tune_seconds", "candidates_tried", "agreeing_hosts", "pinned")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SLOT_KEY_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_HASH_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_HASH_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TUNING_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    WINNER_MS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MS_FIELD_NUMBER: _ClassVar[int]
+    TUNED_BY_FIELD_NUMBER: _ClassVar[int]
+    TUNED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    TUNE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_TRIED_FIELD_NUMBER: _ClassVar[int]
+    AGREEING_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    slot_key: str
+    kernel: str
+    source_hash: str
+    candidates_hash: str
+    fingerprint: KernelFingerprint
+    tuning_key: str
+    config: _containers.ScalarMap[str, int]
+    winner_ms: float
+    default_ms: float
+    tuned_by: str
+    tuned_at_s: float
+    tune_seconds: float
+    candidates_tried: int
+    agreeing_hosts: int
+    pinned: bool
+    def __init__(self, slot_key: _Optional[str] = ..., kernel: _Optional[str] = ..., source_hash: _Optional[str] = ..., candidates_hash: _Optional[str] = ..., fingerprint: _Optional[_Union[KernelFingerprint, _Mapping]] = ..., tuning_key: _Optional[str] = ..., config: _Optional[_Mapping[str, int]] = ..., winner_ms: _Optional[float] = ..., default_ms: _Optional[float] = ..., tuned_by: _Optional[str] = ..., tuned_at_s: _Optional[float] = ..., tune_seconds: _Optional[float] = ..., candidates_tried: _Optional[int] = ..., agreeing_hosts: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class KernelVerdict(_message.Message):
+    __slots__ = ("slot_key", "config_hash", "tuned_by", "accepted", "reason", "entry_ms", "default_ms", "verified_at_s")
+    SLOT_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    TUNED_BY_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_MS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    slot_key: str
+    config_hash: str
+    tuned_by: str
+    accepted: bool
+    reason: str
+    entry_ms: float
+    default_ms: float
+    verified_at_s: float
+    def __init__(self, slot_key: _Optional[str] = ..., config_hash: _Optional[str] = ..., tuned_by: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., entry_ms: _Optional[float] = ..., default_ms: _Optional[float] = ..., verified_at_s: _Optional[float] = ...) -> None: ...
+
+class KernelReport(_message.Message):
+    __slots__ = ("report_id", "entries", "verdicts")
+    REPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    report_id: int
+    entries: _containers.RepeatedCompositeFieldContainer[KernelEntry]
+    verdicts: _containers.RepeatedCompositeFieldContainer[KernelVerdict]
+    def __init__(self, report_id: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[KernelEntry, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[KernelVerdict, _Mapping]]] = ...) -> None: ...
+
+class KernelReportAck(_message.Message):
+    __slots__ = ("report_id", "refused")
+    REPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    report_id: int
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, report_id: _Optional[int] = ..., refused: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class InstallKernels(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[KernelEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[KernelEntry, _Mapping]]] = ...) -> None: ...
+
+class EvictKernels(_message.Message):
+    __slots__ = ("slot_keys",)
+    SLOT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    slot_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slot_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListKernelsRequest(_message.Message):
+    __slots__ = ("fingerprint_key", "kernel")
+    FINGERPRINT_KEY_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    fingerprint_key: str
+    kernel: str
+    def __init__(self, fingerprint_key: _Optional[str] = ..., kernel: _Optional[str] = ...) -> None: ...
+
+class KernelReportView(_message.Message):
+    __slots__ = ("host_id", "role", "config_hash", "config", "entry_ms", "default_ms", "at_s", "reason")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_MS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MS_FIELD_NUMBER: _ClassVar[int]
+    AT_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    role: str
+    config_hash: str
+    config: _containers.ScalarMap[str, int]
+    entry_ms: float
+    default_ms: float
+    at_s: float
+    reason: str
+    def __init__(self, host_id: _Optional[str] = ..., role: _Optional[str] = ..., config_hash: _Optional[str] = ..., config: _Optional[_Mapping[str, int]] = ..., entry_ms: _Optional[float] = ..., default_ms: _Optional[float] = ..., at_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class KernelSlotView(_message.Message):
+    __slots__ = ("chosen", "state", "reports", "hosts_pushed")
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    chosen: KernelEntry
+    state: str
+    reports: _containers.RepeatedCompositeFieldContainer[KernelReportView]
+    hosts_pushed: int
+    def __init__(self, chosen: _Optional[_Union[KernelEntry, _Mapping]] = ..., state: _Optional[str] = ..., reports: _Optional[_Iterable[_Union[KernelReportView, _Mapping]]] = ..., hosts_pushed: _Optional[int] = ...) -> None: ...
+
+class ListKernelsResponse(_message.Message):
+    __slots__ = ("slots", "flagged_hosts")
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[KernelSlotView]
+    flagged_hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slots: _Optional[_Iterable[_Union[KernelSlotView, _Mapping]]] = ..., flagged_hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class KernelRequest(_message.Message):
+    __slots__ = ("slot_key",)
+    SLOT_KEY_FIELD_NUMBER: _ClassVar[int]
+    slot_key: str
+    def __init__(self, slot_key: _Optional[str] = ...) -> None: ...
+
+class PinKernelRequest(_message.Message):
+    __slots__ = ("slot_key", "from_host_id")
+    SLOT_KEY_FIELD_NUMBER: _ClassVar[int]
+    FROM_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    slot_key: str
+    from_host_id: str
+    def __init__(self, slot_key: _Optional[str] = ..., from_host_id: _Optional[str] = ...) -> None: ...
+
+class EvictKernelResponse(_message.Message):
+    __slots__ = ("agents_told",)
+    AGENTS_TOLD_FIELD_NUMBER: _ClassVar[int]
+    agents_told: int
+    def __init__(self, agents_told: _Optional[int] = ...) -> None: ...

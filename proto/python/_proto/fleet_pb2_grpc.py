@@ -186,6 +186,26 @@ class AdminServiceStub:
                 request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.MigrateJobRequest.SerializeToString,
                 response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
                 _registered_method=True)
+        self.ListKernels = channel.unary_unary(
+                '/gpufleet.v1.AdminService/ListKernels',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListKernelsRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListKernelsResponse.FromString,
+                _registered_method=True)
+        self.GetKernel = channel.unary_unary(
+                '/gpufleet.v1.AdminService/GetKernel',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelSlotView.FromString,
+                _registered_method=True)
+        self.PinKernel = channel.unary_unary(
+                '/gpufleet.v1.AdminService/PinKernel',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.PinKernelRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelSlotView.FromString,
+                _registered_method=True)
+        self.EvictKernel = channel.unary_unary(
+                '/gpufleet.v1.AdminService/EvictKernel',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.EvictKernelResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -278,6 +298,30 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKernels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKernel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinKernel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvictKernel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +394,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.MigrateJob,
                     request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.MigrateJobRequest.FromString,
                     response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.SerializeToString,
+            ),
+            'ListKernels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKernels,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListKernelsRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListKernelsResponse.SerializeToString,
+            ),
+            'GetKernel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKernel,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelSlotView.SerializeToString,
+            ),
+            'PinKernel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinKernel,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.PinKernelRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelSlotView.SerializeToString,
+            ),
+            'EvictKernel': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvictKernel,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.EvictKernelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -732,6 +796,114 @@ class AdminService:
             '/gpufleet.v1.AdminService/MigrateJob',
             gpufleet_dot_proto_dot___proto_dot_fleet__pb2.MigrateJobRequest.SerializeToString,
             gpufleet_dot_proto_dot___proto_dot_fleet__pb2.JobView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKernels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/ListKernels',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListKernelsRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListKernelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKernel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/GetKernel',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelSlotView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinKernel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/PinKernel',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.PinKernelRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelSlotView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvictKernel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/EvictKernel',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.EvictKernelResponse.FromString,
             options,
             channel_credentials,
             insecure,
