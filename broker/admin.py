@@ -16,6 +16,7 @@ import grpc
 import structlog
 
 from gpufleet.broker.admin_jobs import JobsMixin
+from gpufleet.broker.admin_kernels import KernelsMixin
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.events import SubscriberLaggedError
 from gpufleet.broker.fleet import LIVE, HostState
@@ -62,7 +63,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-class AdminServicer(JobsMixin, rpc.AdminServiceServicer):
+class AdminServicer(JobsMixin, KernelsMixin, rpc.AdminServiceServicer):
     """Serves the CLI's questions and commands."""
 
     def __init__(self, core: BrokerCore) -> None:

@@ -2,13 +2,14 @@
 
 Owned by the broker process. Validates each agent's hello (refusing
 incompatible versions with the versions that fit), turns telemetry into
-fleet state, metrics, history and reaper observations, and delivers
-commands until the agent reports their result.
+fleet state, metrics, history and reaper observations, hands kernel reports
+to the catalog, and delivers commands until the agent reports their result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import structlog
 import gpufleet
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.fleet import GpuState, HostState, host_facts
+from gpufleet.broker.kernels import read_fingerprints
 from gpufleet.broker.state import HostReaper
 from gpufleet.proto import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, pb, rpc
 
@@ -63,22 +65,23 @@ class AgentServicer(rpc.AgentServiceServicer):
             log.warning("agent.refused", peer=peer, reason=str(exc))
             await context.write(_refusal(str(exc)))
             return
-        host = await self._register(hello)
+        host = await self._register_shielded(hello)
         session_id = host.session_id
         outbox = host.outbox
         assert outbox is not None
         structlog.contextvars.bind_contextvars(node_id=host.host_id)
-        await context.write(
-            pb.BrokerMessage(
-                welcome=pb.Welcome(
-                    protocol_version=PROTOCOL_VERSION,
-                    host_id=host.host_id,
-                    heartbeat_interval_s=self.core.fleet.heartbeat_interval_s(),
+        try:
+            await context.write(
+                pb.BrokerMessage(
+                    welcome=pb.Welcome(
+                        protocol_version=PROTOCOL_VERSION,
+                        host_id=host.host_id,
+                        heartbeat_interval_s=self.core.fleet.heartbeat_interval_s(),
+                    )
                 )
             )
-        )
-        await self.core.resend_pending_commands(host)
-        try:
+            await self.core.resend_pending_commands(host)
+            await self._push_kernels(host)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(_write_loop(context, outbox), name="agent-write")
                 await self._read_loop(context, host)
@@ -89,6 +92,30 @@ class AgentServicer(rpc.AgentServiceServicer):
             # gRPC cancels this handler when the peer goes away; the status
             # change and its event must still be written.
             await asyncio.shield(self._unregister(host, session_id))
+
+    async def _register_shielded(self, hello: pb.Hello) -> HostState:
+        # gRPC cancels the handler when the agent goes away. Recording the
+        # hello is finished even then, and the disconnect is recorded after
+        # it, so a host that left at once is "disconnected", never "lost"
+        # with a connection that nothing will close.
+        registering = asyncio.ensure_future(self._register(hello))
+        try:
+            return await asyncio.shield(registering)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                host = await asyncio.shield(registering)
+                await asyncio.shield(self._unregister(host, host.session_id))
+            raise
+
+    async def _push_kernels(self, host: HostState) -> None:
+        # The catalog is an extra: a failure there must not cost the fleet
+        # its telemetry, so it is logged and the stream goes on.
+        if self.core.kernels is None:
+            return
+        try:
+            await self.core.kernels.host_connected(host)
+        except Exception:
+            log.exception("kernels.push_on_connect_failed")
 
     async def _register(self, hello: pb.Hello) -> HostState:
         # Limitation L-001 (docs/limitations.md#l-001): the host id is taken
@@ -116,6 +143,7 @@ class AgentServicer(rpc.AgentServiceServicer):
             host_facts(identity, hello.labels), [g.uuid for g in hello.gpus]
         )
         host.agent_version = hello.agent_version
+        host.kernel_fingerprints = read_fingerprints(hello, core.metrics)
         host.session_id = core.fleet.new_session_id()
         host.outbox = asyncio.Queue(maxsize=OUTBOX_SIZE)
         known = set(host.gpus)
@@ -163,6 +191,9 @@ class AgentServicer(rpc.AgentServiceServicer):
                 await core.notice(host, message.notice)
             elif kind == "job_update":
                 await core.job_update(host, message.job_update)
+            elif kind == "kernel_report" and core.kernels is not None:
+                ack = await core.kernels.on_report(host, message.kernel_report)
+                host.send(pb.BrokerMessage(kernel_report_ack=ack))
             else:
                 core.metrics.count_rejected("unknown-message")
                 log.warning("agent.unknown_message", kind=kind)

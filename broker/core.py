@@ -12,11 +12,12 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gpufleet.broker import jobstore as _jobstore  # noqa: F401  (its tables)
+from gpufleet.broker import kernelstore as _kernelstore  # noqa: F401  (its tables)
 from gpufleet.broker.events import EventBus
 from gpufleet.broker.fleet import LIVE, Fleet, GpuState, HostState
 from gpufleet.broker.metrics import BrokerMetrics
@@ -24,6 +25,9 @@ from gpufleet.broker.policy import FleetPolicy, load_policy
 from gpufleet.broker.store import Downsampler, HostRecord, Store
 from gpufleet.errors import ConfigError, GpufleetError
 from gpufleet.proto import pb
+
+if TYPE_CHECKING:
+    from gpufleet.broker.kernels import KernelCatalog
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -66,6 +70,7 @@ class BrokerCore:
         # need the core).
         self.reaper: object | None = None
         self.jobs: Any = None
+        self.kernels: KernelCatalog | None = None
 
     async def fail_interrupted_actions(self) -> None:
         """Marks actions a stopped broker left pending as failed.

@@ -23,8 +23,9 @@ from gpufleet.errors import GpufleetError
 
 log = structlog.stdlib.get_logger(__name__)
 
-# Dotted lowercase words; a word may hold dashes: "reaper.action-failed".
-KIND_PATTERN = re.compile(r"^[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)+$")
+# Dotted lowercase words; a word may hold dashes ("reaper.action-failed") or
+# underscores ("kernel.peer_flagged", a name the kernel contract fixed).
+KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$")
 # Live events one subscriber may have unread before it is dropped. A CLI
 # following events reads far faster; a stuck one must not hold memory.
 DEFAULT_SUBSCRIBER_QUEUE = 10_000

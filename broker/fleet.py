@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from gpufleet.broker.policy import HostFacts
 from gpufleet.broker.state import HostReaper
+from gpufleet.kernels.fingerprint import HardwareFingerprint
 from gpufleet.proto import pb
 
 # Recent activity kept per GPU in memory, as (timestamp_s, util_ratio,
@@ -63,6 +64,9 @@ class HostState:
     # Set by a preemption notice: no new jobs, running ones migrate.
     leaving: bool = False
     notice_keys: set[str] = field(default_factory=set)
+    # The kernel fingerprints of the latest hello, by key: the catalog pushes
+    # tuned configs for these only.
+    kernel_fingerprints: dict[str, HardwareFingerprint] = field(default_factory=dict)
 
     @property
     def host_id(self) -> str:

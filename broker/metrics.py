@@ -1,4 +1,4 @@
-"""The broker's Prometheus metrics: per-GPU telemetry, hosts, reaper savings.
+"""The broker's Prometheus metrics: GPU telemetry, hosts, savings, kernels.
 
 Owned by the broker process; every series lives in one private
 ``CollectorRegistry`` so that tests and embedders never share the global one.
@@ -41,7 +41,12 @@ UNIT_SUFFIXES = (
 )
 # Names whose value is a count or a boolean, which Prometheus leaves unitless.
 UNITLESS_NAMES = frozenset(
-    {"gpufleet_gpu_healthy", "gpufleet_host_up", "gpufleet_hosts"}
+    {
+        "gpufleet_gpu_healthy",
+        "gpufleet_host_up",
+        "gpufleet_hosts",
+        "gpufleet_kernel_slots",
+    }
 )
 NAME_PATTERN = re.compile(r"^gpufleet_[a-z0-9_]+$")
 GPU_LABELS = ("host", "gpu", "index", "model")
@@ -180,6 +185,25 @@ class BrokerMetrics:
             "Training steps redone because a migration resumed from an older "
             "checkpoint.",
         )
+        self.kernel_slots = gauge(
+            "gpufleet_kernel_slots",
+            "Kernel catalog slots, by state (pinned, agreed, disputed, refused).",
+            ["state"],
+        )
+        self.kernel_reports = counter(
+            "gpufleet_kernel_reports_total",
+            "Kernel reports stored, by role (tuned, verified, refused).",
+            ["role"],
+        )
+        self.kernel_refusals = counter(
+            "gpufleet_kernel_refusals_total",
+            "Kernel entries the broker refused, by cause.",
+            ["cause"],
+        )
+        self.kernel_pushes = counter(
+            "gpufleet_kernel_pushes_total",
+            "Kernel entries sent to agents in install_kernels commands.",
+        )
         self._gpu_gauges = (
             self.gpu_util,
             self.gpu_sm_active,
@@ -255,6 +279,21 @@ class BrokerMetrics:
 
     def count_rejected(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
+
+    def set_kernel_slots(self, counts: Mapping[str, int]) -> None:
+        """Sets the catalog's slots per state; absent states read 0."""
+        for state in ("pinned", "agreed", "disputed", "refused", *counts):
+            self.kernel_slots.labels(state).set(counts.get(state, 0))
+
+    def count_kernel_report(self, role: str) -> None:
+        self.kernel_reports.labels(role).inc()
+
+    def count_kernel_refusal(self, cause: str) -> None:
+        self.kernel_refusals.labels(cause).inc()
+
+    def count_kernel_pushes(self, n: int) -> None:
+        if n > 0:
+            self.kernel_pushes.inc(n)
 
     def count_samples(self, n: int) -> None:
         if n > 0:

@@ -7,6 +7,12 @@ can subscribe to ``gpufleet/prod/events/host/#``. The payload is JSON:
 ``{"id", "at_s", "kind", "host_id", "gpu_uuid", "cause", "data"}``, sent with
 QoS 1 (at least once: after a reconnect an event may arrive twice; ``id``
 tells duplicates apart).
+
+Retained documents (the kernel catalog of each hardware fingerprint on
+``gpufleet/<fleet>/kernels/<fingerprint key>``) go out with QoS 1 and the
+retain flag: only the newest of each topic is kept, and all of them are sent
+again after every reconnect, so a fresh subscriber always gets the current
+one even after the MQTT broker lost its retained store.
 """
 
 from __future__ import annotations
@@ -95,6 +101,11 @@ def event_topic(fleet: str, kind: str) -> str:
     return f"{TOPIC_ROOT}/{fleet}/events/{kind.replace('.', '/')}"
 
 
+def kernel_topic(fleet: str, fingerprint_key: str) -> str:
+    """The retained topic of one fingerprint's kernel catalog."""
+    return f"{TOPIC_ROOT}/{fleet}/kernels/{fingerprint_key}"
+
+
 def event_payload(record: EventRecord) -> bytes:
     """The JSON payload of an event."""
     return json.dumps(record.as_dict(), separators=(",", ":"), default=str).encode()
@@ -126,6 +137,10 @@ class MqttPublisher:
         self.fleet = fleet
         self.client_id = client_id or f"gpufleet-broker-{fleet}-{secrets.token_hex(3)}"
         self._queue: collections.deque[EventRecord] = collections.deque()
+        # Newest retained payload per topic, and the topics not yet sent on
+        # the current connection.
+        self._retained: dict[str, bytes] = {}
+        self._retained_due: set[str] = set()
         self._queue_size = queue_size
         self._wake = asyncio.Event()
         self._backoff_min_s = backoff_min_s
@@ -154,6 +169,13 @@ class MqttPublisher:
         self._queue.append(record)
         self._wake.set()
 
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Sets the retained document of ``topic``; a newer one replaces an
+        unsent older one. Never blocks."""
+        self._retained[topic] = payload
+        self._retained_due.add(topic)
+        self._wake.set()
+
     async def run(self) -> None:
         """Connects, sends, reconnects with backoff and jitter; runs until
         cancelled."""
@@ -169,6 +191,7 @@ class MqttPublisher:
                         after_failures=failures,
                     )
                     failures = 0
+                    self._retained_due.update(self._retained)
                     await self._send_loop(client)
             except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
                 failures += 1
@@ -198,9 +221,12 @@ class MqttPublisher:
 
     async def _send_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            while not self._queue:
+            while not self._queue and not self._retained_due:
                 self._wake.clear()
                 await self._wake.wait()
+            if self._retained_due:
+                await self._send_retained(client)
+                continue
             record = self._queue.popleft()
             try:
                 await client.publish(
@@ -218,6 +244,17 @@ class MqttPublisher:
                     self.dropped_total += 1
                 raise
             self.published_total += 1
+
+    async def _send_retained(self, client: aiomqtt.Client) -> None:
+        topic = min(self._retained_due)
+        payload = self._retained[topic]
+        await client.publish(
+            topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S
+        )
+        # A newer document that arrived during the publish stays due.
+        if self._retained.get(topic) is payload:
+            self._retained_due.discard(topic)
+        self.published_total += 1
 
     def _log_failure(self, failures: int, exc: BaseException) -> None:
         fields = {

@@ -27,6 +27,8 @@ from gpufleet.broker.events import EventBus
 from gpufleet.broker.fleet import Fleet
 from gpufleet.broker.jobs import JobManager
 from gpufleet.broker.jobstore import JobStore
+from gpufleet.broker.kernels import KernelCatalog
+from gpufleet.broker.kernelstore import KernelStore
 from gpufleet.broker.metrics import BrokerMetrics
 from gpufleet.broker.mqtt import MqttPublisher
 from gpufleet.broker.policy import FleetPolicy, default_policy, load_policy
@@ -147,6 +149,8 @@ async def run_broker(
     prices = PriceTable.load(cfg.prices_file)
     core.jobs = JobManager(core, JobStore(store), prices)
     await core.jobs.load()
+    core.kernels = KernelCatalog(core, KernelStore(store))
+    await core.kernels.load()
     core.reaper = Reaper(
         core,
         prices=prices,
