@@ -6,6 +6,8 @@ named by ``GPUFLEET_AGENT_CONFIG``), ``GPUFLEET_AGENT_*`` variables and flags.
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +15,12 @@ from gpufleet.config import load_validated, require
 from gpufleet.errors import ConfigError
 
 COLLECTORS = ("auto", "nvidia", "amd", "replay")
+# "package.module:function", the form the verifier's --bench option takes.
+_BENCH_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _default_verify_command() -> list[str]:
+    return [sys.executable, "-m", "gpufleet.kernels.verify"]
 
 
 @dataclass
@@ -78,6 +86,53 @@ class PreemptionConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Sharing of tuned Triton kernel configs with hosts of the same hardware."""
+
+    enabled: bool = True
+    # None: <state_dir>/kernels, i.e. /var/lib/gpufleet/kernels by default.
+    cache_dir: Path | None = None
+    scan_interval_s: float = 5.0
+    # Runs in a subprocess, because verifying imports torch and Triton, which
+    # the agent never does; it gets the entry file and prints one JSON line.
+    verify_command: list[str] = field(default_factory=_default_verify_command)
+    verify_timeout_s: float = 300.0
+    verify_bench: str | None = None
+    # A received config is refused when it runs slower than this host's
+    # default config by more than this fraction.
+    slack: float = 0.25
+
+    def problems(self) -> list[str]:
+        """What is wrong with this section, each naming its field."""
+        p: list[str] = []
+        for name in ("scan_interval_s", "verify_timeout_s"):
+            value = getattr(self, name)
+            require(
+                p,
+                value is not None and value > 0,
+                f"kernels.{name}: must be a number > 0, got {value!r}",
+            )
+        require(
+            p,
+            bool(self.verify_command) and all(self.verify_command),
+            "kernels.verify_command: must be a non-empty list of arguments, e.g. "
+            f"{_default_verify_command()}, got {self.verify_command!r}",
+        )
+        require(
+            p,
+            self.verify_bench is None or bool(_BENCH_REF.match(self.verify_bench)),
+            "kernels.verify_bench: must be 'module:function', got "
+            f"{self.verify_bench!r}",
+        )
+        require(
+            p,
+            self.slack is not None and 0 <= self.slack <= 10,
+            f"kernels.slack: must be a number in 0..10, got {self.slack!r}",
+        )
+        return p
+
+
+@dataclass
 class AgentConfig:
     """Everything ``gpufleet agent run`` needs."""
 
@@ -106,7 +161,15 @@ class AgentConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     log_level: str = "info"
+
+    @property
+    def kernel_cache_dir(self) -> Path:
+        """Where the kernel cache lives: ``kernels.cache_dir`` or under state_dir."""
+        if self.kernels.cache_dir is not None:
+            return Path(self.kernels.cache_dir)
+        return Path(self.state_dir) / "kernels"
 
     def validate(self, source: str, problems: list[str] | None = None) -> None:
         """Raises ConfigError listing ``problems`` and every inconsistent field."""
@@ -171,6 +234,7 @@ class AgentConfig:
                     value is None or Path(value).is_file(),
                     f"replay.{key}: no such file: {value}",
                 )
+        p.extend(self.kernels.problems())
         if p:
             raise ConfigError(source, p)
 

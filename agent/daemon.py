@@ -25,6 +25,7 @@ from gpufleet.agent.collectors.detect import detect_collector
 from gpufleet.agent.config import AgentConfig
 from gpufleet.agent.identity import discover_identity
 from gpufleet.agent.jobs import JobSupervisor
+from gpufleet.agent.kernels import KernelShare
 from gpufleet.agent.preemption import NoticeWatcher, PreemptionNotice, detect_source
 from gpufleet.agent.processes import kill_gpu_processes
 from gpufleet.agent.session import BrokerSession
@@ -61,7 +62,11 @@ class Agent:
         self.notice_source: object | None = None
         self.pending_acks: dict[str, set[str]] = {}
         self.spawn: Callable[[Awaitable[None]], None] | None = None
-        self.jobs = JobSupervisor(cfg.state_dir, report=self.report_job)
+        # Set by run() once the GPUs are known; None when sharing is off.
+        self.kernels: KernelShare | None = None
+        self.jobs = JobSupervisor(
+            cfg.state_dir, report=self.report_job, kernel_env=self.kernel_env
+        )
         self.samples_total = 0
 
     def hello(self) -> pb.Hello:
@@ -72,7 +77,18 @@ class Agent:
             gpus=self.gpus,
             labels=self.cfg.labels,
             sent_at_s=time.time(),
+            kernel_fingerprints=(
+                self.kernels.hello_fingerprints() if self.kernels else []
+            ),
         )
+
+    def kernel_env(self, gpu_uuids: list[str]) -> dict[str, str]:
+        """What a job needs to find the kernel cache and its GPU's fingerprint."""
+        return self.kernels.job_env(gpu_uuids) if self.kernels else {}
+
+    def post(self, message: pb.AgentMessage) -> bool:
+        """Sends a message now if the session is connected."""
+        return self.session.post(message) if self.session is not None else False
 
     async def on_notice(self, notice: PreemptionNotice) -> None:
         """Reports a cloud's notice to the broker, now or on reconnect."""
@@ -132,6 +148,8 @@ class Agent:
         the state of every job."""
         messages = [pb.AgentMessage(notice=n) for n in self.notices]
         messages.extend(pb.AgentMessage(job_update=u) for u in self.jobs.snapshot())
+        if self.kernels is not None:
+            messages.extend(self.kernels.resend())
         return messages
 
     async def sample_loop(self, sampler: GpuSampler) -> None:
@@ -204,6 +222,16 @@ class Agent:
                     detail="refused: " + "; ".join(busy) + "; nothing was signalled",
                 )
             return await kill_gpu_processes(kill, self.latest.get(kill.gpu_uuid))
+        if kind in ("install_kernels", "evict_kernels"):
+            if self.kernels is None:
+                return pb.CommandResult(
+                    status=pb.COMMAND_STATUS_REFUSED,
+                    detail="kernel sharing is off on this host (kernels.enabled: "
+                    "false in the agent configuration)",
+                )
+            if kind == "install_kernels":
+                return await self.kernels.install(command.install_kernels)
+            return await self.kernels.evict(command.evict_kernels)
         return pb.CommandResult(
             status=pb.COMMAND_STATUS_REFUSED,
             detail=f"this agent ({gpufleet.__version__}) does not know the "
@@ -251,6 +279,14 @@ async def run(
         overrides=_identity_overrides(cfg),
         **bases,
     )
+    if cfg.kernels.enabled:
+        agent.kernels = KernelShare(
+            cfg.kernels,
+            cfg.kernel_cache_dir,
+            host_id=agent.identity.host_id,
+            post=agent.post,
+        )
+        await agent.kernels.start(agent.gpus)
     watcher = _notice_watcher(cfg, agent.identity, bases)
     agent.notice_source = watcher.source if watcher is not None else None
     structlog.contextvars.bind_contextvars(node_id=agent.identity.host_id)
@@ -280,11 +316,14 @@ async def run(
                 execute=agent.execute,
                 spawn=spawn,
                 resend=agent.resend,
+                on_kernel_ack=agent.kernels.on_ack if agent.kernels else None,
             )
             tg.create_task(agent.sample_loop(sampler), name="telemetry")
             tg.create_task(agent.jobs.run_loop(), name="jobs")
             tg.create_task(_notify_ready(agent), name="ready")
             tg.create_task(session.run_loop(), name="broker-session")
+            if agent.kernels is not None:
+                tg.create_task(agent.kernels.run_loop(), name="kernels")
             if watcher is not None:
                 tg.create_task(watcher.run_loop(agent.on_notice), name="notices")
             tg.create_task(_raise_when_set(stop), name="shutdown")

@@ -306,6 +306,7 @@ class JobSupervisor:
         clock: Callable[[], float] = time.time,
         poll_interval_s: float = 0.2,
         log_tail_bytes: int = 16384,
+        kernel_env: Callable[[list[str]], dict[str, str]] | None = None,
     ) -> None:
         """Creates the supervisor and rediscovers jobs left by a previous agent.
 
@@ -317,6 +318,7 @@ class JobSupervisor:
         self._clock = clock
         self._poll_interval_s = poll_interval_s
         self._log_tail_bytes = log_tail_bytes
+        self._kernel_env = kernel_env
         self._boot_id = _boot_id()
         self._jobs: dict[tuple[str, int], _Job] = {}
         self._tails: dict[tuple[str, int], _Tail] = {}
@@ -530,6 +532,10 @@ class JobSupervisor:
         # The agent's own GPUFLEET_* settings (broker address, credentials
         # paths) are none of the job's business.
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
+        # The kernel cache and fingerprint come before the spec's own
+        # environment, so that a job may point at a cache of its own.
+        if self._kernel_env is not None:
+            env.update(self._kernel_env(list(cmd.gpu_uuids)))
         env.update(cmd.spec.env)
         devices = ",".join(cmd.gpu_uuids)
         env.update(

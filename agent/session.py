@@ -79,6 +79,7 @@ class BrokerSession:
         execute: Executor,
         spawn: Spawn,
         resend: Callable[[], list[pb.AgentMessage]] | None = None,
+        on_kernel_ack: Callable[[pb.KernelReportAck], None] | None = None,
     ) -> None:
         self._cfg = cfg
         self._hello = hello
@@ -87,6 +88,7 @@ class BrokerSession:
         self._execute = execute
         self._spawn = spawn
         self._resend = resend
+        self._on_kernel_ack = on_kernel_ack
         self._keepalive_time_s = cfg.keepalive_time_s
         self._outbox: asyncio.Queue[pb.AgentMessage] | None = None
         self._in_flight: dict[int, list[pb.GpuSample]] = {}
@@ -200,7 +202,7 @@ class BrokerSession:
             self._outbox = asyncio.Queue(maxsize=1000)
             self._last_rx = time.monotonic()
             # What the broker may have missed while the stream was down:
-            # notices and the state of every job.
+            # notices, the state of every job, unacknowledged kernel reports.
             for message in self._resend() if self._resend else ():
                 self._post(message)
             try:
@@ -234,10 +236,22 @@ class BrokerSession:
                 self._in_flight.pop(message.batch_ack.batch_id, None)
             elif kind == "command":
                 self._on_command(message.command)
+            elif kind == "kernel_report_ack":
+                self._kernel_ack(message.kernel_report_ack)
             elif kind == "refusal":
                 raise AgentRefusedError(message.refusal.reason)
             else:
                 log.debug("broker.message_ignored", kind=kind)
+
+    def _kernel_ack(self, ack: pb.KernelReportAck) -> None:
+        if self._on_kernel_ack is None:
+            log.debug("broker.message_ignored", kind="kernel_report_ack")
+            return
+        try:
+            self._on_kernel_ack(ack)
+        except Exception:
+            # Kernel sharing is an extra; its failure must not end the stream.
+            log.exception("kernels.ack_failed", report_id=ack.report_id)
 
     async def _send_loop(self) -> None:
         """Sends a batch every batch interval, or a heartbeat when idle."""

@@ -96,9 +96,9 @@ def cli(
 
 
 def _register() -> None:
-    from gpufleet.cli import daemons, demo, dev, events, fleet, jobs, policy
+    from gpufleet.cli import daemons, demo, dev, events, fleet, jobs, kernels, policy
 
-    for module in (daemons, demo, dev, events, fleet, jobs, policy):
+    for module in (daemons, demo, dev, events, fleet, jobs, kernels, policy):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -1,0 +1,691 @@
+"""Kernel sharing on one host: publishes winners tuned here, verifies received ones.
+
+Owned by the agent daemon, one KernelShare per agent. It records this host's
+hardware fingerprints in the kernel cache (``host.json``), reports entries that
+jobs tuned here to the broker, and checks every config the broker installs by
+running the verifier as a subprocess, one entry at a time: verifying imports
+torch and Triton, which the agent itself never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from google.protobuf import json_format
+
+from gpufleet.agent.config import KernelsConfig
+from gpufleet.kernels.cache import ENV_CACHE, ENV_FINGERPRINT, KernelCache
+from gpufleet.kernels.entry import EntryRejected, KernelEntry, config_hash
+from gpufleet.kernels.fingerprint import HardwareFingerprint, fingerprint_of
+from gpufleet.proto import pb
+
+log = structlog.stdlib.get_logger(__name__)
+
+# Both files sit in the cache root beside the cache's own folders.
+STATE_FILE = "agent-state.json"
+FLAGS_FILE = "flagged-hosts.json"
+# Keeps one report far below the stream's message limit.
+MAX_REPORT_ITEMS = 64
+# A report the broker has not acknowledged this long after it was posted is
+# posted again: the outbox drops messages when it is full.
+RESEND_AFTER_S = 60.0
+# The verifier prints one short line; a runaway one must not grow the agent.
+MAX_VERIFIER_OUTPUT_BYTES = 64 * 1024
+KILL_WAIT_S = 5.0
+MAX_REASON_CHARS = 1000
+# Distributions that install the ``triton`` module: upstream, and the builds
+# that PyTorch ships for ROCm and for its nightlies.
+TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton-rocm", "pytorch-triton")
+
+Pair = tuple[str, str]  # (slot_key, config_hash)
+Post = Callable[[pb.AgentMessage], bool]
+
+
+def triton_version() -> str:
+    """The installed Triton version, read from package metadata (no import)."""
+    for name in TRITON_DISTRIBUTIONS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(name)
+    return ""
+
+
+def host_fingerprints(
+    gpus: Iterable[pb.GpuInfo], *, triton: str
+) -> dict[str, HardwareFingerprint]:
+    """The fingerprint of every GPU of the inventory, by GPU uuid."""
+    # The inventory carries no runtime version and no multiprocessor count, so
+    # those fields stay empty; every agent leaves them so, and jobs take the
+    # agent's fingerprint from host.json rather than computing their own.
+    return {gpu.uuid: fingerprint_of(gpu, triton=triton) for gpu in gpus}
+
+
+@dataclass
+class KernelCounters:
+    """What the share has done since the agent started."""
+
+    published: int = 0  # local entries the broker acknowledged
+    queued: int = 0  # received entries sent to the verifier's queue
+    skipped: int = 0  # received entries a pre-check set aside
+    verified: int = 0  # received entries accepted here
+    refused: int = 0  # received entries refused here, verify-failed included
+    verify_failed: int = 0  # the verifier crashed, hung or printed garbage
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    """What the verifier said of one entry; blame_sender is False when the
+    verifier itself failed, which may be this host's own fault."""
+
+    accepted: bool
+    reason: str
+    entry_ms: float = 0.0
+    default_ms: float = 0.0
+    blame_sender: bool = True
+
+
+def _failed(detail: str) -> VerifyOutcome:
+    return VerifyOutcome(False, f"verify-failed: {detail}", blame_sender=False)
+
+
+def parse_verifier_output(
+    stdout: bytes, returncode: int, stderr: bytes
+) -> VerifyOutcome:
+    """Reads the verifier's one JSON line; anything else is a verify-failed."""
+    if returncode != 0:
+        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return _failed(f"the verifier exited with code {returncode}: {last[0][:300]}")
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    try:
+        data = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or type(data.get("accepted")) is not bool:
+        shown = lines[-1][:200] if lines else ""
+        return _failed(f"the verifier printed no verdict line (last line {shown!r})")
+    reason = data.get("reason") or ""
+    if not isinstance(reason, str) or (not data["accepted"] and not reason):
+        return _failed("the verifier's verdict has no usable reason")
+    timings = []
+    for name in ("entry_ms", "default_ms"):
+        value = data.get(name) or 0.0
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            return _failed(f"the verifier's {name}={value!r} is not a time")
+        timings.append(float(value))
+    return VerifyOutcome(
+        accepted=data["accepted"],
+        reason=reason[:MAX_REASON_CHARS],
+        entry_ms=timings[0],
+        default_ms=timings[1],
+        blame_sender=not reason.startswith("verify-failed"),
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, sort_keys=True, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The object in ``path``; {} when absent, and {} with a warning if damaged."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("kernels.state_unreadable", path=str(path), error=str(exc))
+        return {}
+
+
+async def _read_capped(stream: asyncio.StreamReader | None) -> bytes:
+    """Reads a stream to its end, keeping only the last bytes."""
+    kept = b""
+    while stream is not None:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        kept = (kept + chunk)[-MAX_VERIFIER_OUTPUT_BYTES:]
+    return kept
+
+
+def _entry_file(entry: KernelEntry) -> Path:
+    """Writes the entry for the verifier; the caller removes the file."""
+    fd, name = tempfile.mkstemp(prefix="gpufleet-verify-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(entry.to_json())
+    return Path(name)
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+class KernelShare:
+    """This host's part in kernel sharing.
+
+    Everything runs on the event loop's thread; worker threads only read and
+    write cache files and are handed snapshots, never the live sets. The
+    scan loop owns the reports, the verify loop the verification queue;
+    ``install``, ``evict`` and ``on_ack`` are called by the broker session.
+    """
+
+    def __init__(
+        self,
+        cfg: KernelsConfig,
+        root: Path,
+        *,
+        host_id: str,
+        post: Post,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.cache = KernelCache(root)
+        self.host_id = host_id
+        self.counters = KernelCounters()
+        self._post = post
+        self._clock = clock
+        self.fingerprints: dict[str, HardwareFingerprint] = {}
+        self.default_key = ""
+        self._pending: dict[int, tuple[pb.KernelReport, float]] = {}
+        self._verdicts: list[pb.KernelVerdict] = []
+        self._acked: dict[Pair, str] = {}
+        self._next_report_id = 1
+        self._flags: dict[str, dict[str, Any]] = {}
+        self._refused_pairs: set[Pair] = set()
+        self._queue: asyncio.Queue[tuple[KernelEntry, int]] = asyncio.Queue()
+        self._queued: set[Pair] = set()
+        self._evictions: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._dirty = False
+        self._scan_failures = 0
+
+    # Setup -------------------------------------------------------------------
+
+    async def start(self, gpus: list[pb.GpuInfo]) -> None:
+        """Fingerprints the GPUs, writes host.json and loads what was saved."""
+        self.fingerprints = host_fingerprints(gpus, triton=triton_version())
+        ordered = sorted(gpus, key=lambda g: g.index)
+        self.default_key = self.fingerprints[ordered[0].uuid].key if ordered else ""
+        try:
+            await asyncio.to_thread(
+                self.cache.write_host, self.fingerprints, self.default_key
+            )
+        except OSError as exc:
+            # Jobs then tune for themselves; the agent must keep running.
+            log.error(
+                "kernels.cache_unwritable",
+                path=str(self.cache.root),
+                error=str(exc),
+                hint="make kernels.cache_dir writable by the agent",
+            )
+        for entry in await asyncio.to_thread(self._load):
+            self._enqueue(entry)
+        log.info(
+            "kernels.started",
+            cache=str(self.cache.root),
+            fingerprints=sorted({fp.key for fp in self.fingerprints.values()}),
+            flagged_hosts=len(self._flags),
+            queued=self._queue.qsize(),
+        )
+
+    def _load(self) -> list[KernelEntry]:
+        """Runs in a worker thread before any loop starts; returns the entries
+        that still wait for verification."""
+        state = _read_json_object(self.cache.root / STATE_FILE)
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
+            self._next_report_id = max(1, int(state.get("next_report_id", 1)))
+            for pair, how in dict(state.get("acked", {})).items():
+                slot, _, chash = str(pair).partition("/")
+                self._acked[(slot, chash)] = str(how)
+        saved = state.get("verdicts")
+        for raw in saved if isinstance(saved, list) else []:
+            with contextlib.suppress(json_format.ParseError, TypeError, ValueError):
+                self._verdicts.append(json_format.ParseDict(raw, pb.KernelVerdict()))
+        flags = _read_json_object(self.cache.root / FLAGS_FILE)
+        self._flags = {str(k): v for k, v in flags.items() if isinstance(v, dict)}
+        for refusal in self.cache.refused():
+            if not refusal.reason.startswith("verify-failed"):
+                slot, _, chash = refusal.path.stem.rpartition("-")
+                self._refused_pairs.add((slot, chash))
+        keys = self.keys
+        return [e for _, e in self.cache.incoming() if e.fingerprint.key in keys]
+
+    @property
+    def keys(self) -> set[str]:
+        """The fingerprint keys of this host's GPUs."""
+        return {fp.key for fp in self.fingerprints.values()}
+
+    def hello_fingerprints(self) -> list[pb.KernelFingerprint]:
+        """One fingerprint per distinct kind of GPU, for Hello."""
+        unique = {fp.key: fp for fp in self.fingerprints.values()}
+        return [unique[key].to_proto() for key in sorted(unique)]
+
+    def job_env(self, gpu_uuids: list[str]) -> dict[str, str]:
+        """The kernel cache and the fingerprint of the job's first GPU."""
+        env = {ENV_CACHE: str(self.cache.root)}
+        first = self.fingerprints.get(gpu_uuids[0]) if gpu_uuids else None
+        key = first.key if first is not None else self.default_key
+        if key:
+            env[ENV_FINGERPRINT] = key
+        return env
+
+    @property
+    def flagged_hosts(self) -> dict[str, dict[str, Any]]:
+        return dict(self._flags)
+
+    # Reports -----------------------------------------------------------------
+
+    def resend(self) -> list[pb.AgentMessage]:
+        """Every unacknowledged report, for the session to send after a reconnect."""
+        now = self._clock()
+        messages = []
+        for report_id in sorted(self._pending):
+            report, _ = self._pending[report_id]
+            self._pending[report_id] = (report, now)
+            messages.append(pb.AgentMessage(kernel_report=report))
+        return messages
+
+    def on_ack(self, ack: pb.KernelReportAck) -> None:
+        """Settles an acknowledged report; entries it refused are not sent again."""
+        held = self._pending.pop(ack.report_id, None)
+        if held is None:
+            log.debug("kernels.ack_unknown", report_id=ack.report_id)
+            return
+        report = held[0]
+        refused: dict[str, str] = {}
+        for line in ack.refused:
+            slot, _, reason = line.partition(": ")
+            refused[slot] = reason
+            log.warning(
+                "kernels.report_refused",
+                report_id=ack.report_id,
+                slot_key=slot,
+                reason=reason,
+            )
+        for entry in report.entries:
+            pair = (entry.slot_key, config_hash(dict(entry.config)))
+            if entry.slot_key in refused:
+                self._acked[pair] = "refused"
+            else:
+                self._acked[pair] = "published"
+                self.counters.published += 1
+                log.info(
+                    "kernel.published", slot_key=entry.slot_key, kernel=entry.kernel
+                )
+        self._dirty = True
+        self._wake.set()
+
+    def _in_flight(self) -> set[Pair]:
+        return {
+            (entry.slot_key, config_hash(dict(entry.config)))
+            for report, _ in self._pending.values()
+            for entry in report.entries
+        }
+
+    def _unpublished(self, keys: set[str], settled: set[Pair]) -> list[pb.KernelEntry]:
+        """Runs in a worker thread: local entries the broker has not settled."""
+        found = []
+        for stored in self.cache.entries():
+            entry = stored.entry
+            pair = (entry.slot_key, entry.config_hash)
+            if stored.origin != "local" or pair in settled:
+                continue
+            if entry.fingerprint.key not in keys:
+                continue
+            found.append(dataclasses.replace(entry, tuned_by=self.host_id).to_proto())
+            if len(found) >= MAX_REPORT_ITEMS:
+                break
+        return found
+
+    async def scan_once(self) -> pb.KernelReport | None:
+        """Reports new local entries and pending verdicts; returns the report."""
+        settled = set(self._acked) | self._in_flight()
+        entries = await asyncio.to_thread(self._unpublished, self.keys, settled)
+        now = self._clock()
+        for report_id, (report, sent_at_s) in list(self._pending.items()):
+            if now - sent_at_s > RESEND_AFTER_S and self._post(
+                pb.AgentMessage(kernel_report=report)
+            ):
+                self._pending[report_id] = (report, now)
+        report = None
+        if entries or self._verdicts:
+            verdicts = self._verdicts[:MAX_REPORT_ITEMS]
+            del self._verdicts[:MAX_REPORT_ITEMS]
+            report = pb.KernelReport(
+                report_id=self._next_report_id, entries=entries, verdicts=verdicts
+            )
+            self._next_report_id += 1
+            self._pending[report.report_id] = (report, now)
+            self._dirty = True
+            self._post(pb.AgentMessage(kernel_report=report))
+            log.debug(
+                "kernels.report_sent",
+                report_id=report.report_id,
+                entries=len(entries),
+                verdicts=len(verdicts),
+            )
+        if self._dirty:
+            self._dirty = False
+            await asyncio.to_thread(
+                _write_json, self.cache.root / STATE_FILE, self._state()
+            )
+        return report
+
+    def _state(self) -> dict[str, Any]:
+        unsettled = [v for r, _ in self._pending.values() for v in r.verdicts]
+        return {
+            "version": 1,
+            "next_report_id": self._next_report_id,
+            "acked": {f"{s}/{c}": how for (s, c), how in self._acked.items()},
+            "verdicts": [
+                json_format.MessageToDict(v, preserving_proto_field_name=True)
+                for v in [*unsettled, *self._verdicts]
+            ],
+        }
+
+    # Commands ----------------------------------------------------------------
+
+    async def install(self, command: pb.InstallKernels) -> pb.CommandResult:
+        """Pre-checks received entries and queues them for verification."""
+        queued, skipped = 0, []
+        for wire in command.entries:
+            why = await self._admit(wire)
+            if why is None:
+                queued += 1
+            else:
+                skipped.append(why)
+                self.counters.skipped += 1
+        self._wake.set()
+        detail = f"queued {queued} of {len(command.entries)} kernel entries"
+        if skipped:
+            shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+            detail += f"; skipped {len(skipped)}: {shown}"
+        return pb.CommandResult(status=pb.COMMAND_STATUS_DONE, detail=detail)
+
+    async def _admit(self, wire: pb.KernelEntry) -> str | None:
+        """Queues one entry, or says why not."""
+        slot = wire.slot_key[:64] or "?"
+        try:
+            entry = KernelEntry.from_proto(wire)
+        except EntryRejected as exc:
+            # The broker checked this entry when its tuner reported it, so a
+            # failure here is the broker's or a version skew, not the
+            # tuner's: nobody is flagged and no verdict is sent.
+            log.error(
+                "kernels.entry_unreadable",
+                slot_key=slot,
+                tuned_by=wire.tuned_by[:64],
+                reason=str(exc),
+            )
+            return f"{slot}: {exc}"
+        if entry.fingerprint.key not in self.keys:
+            log.warning(
+                "kernels.wrong_fingerprint",
+                slot_key=slot,
+                fingerprint=entry.fingerprint.key,
+                mine=sorted(self.keys),
+            )
+            return (
+                f"{slot}: wrong-fingerprint: {entry.fingerprint.key} "
+                f"({entry.fingerprint.label}) is not a GPU kind of this host"
+            )
+        if entry.tuned_by in self._flags:
+            self._add_verdict(entry, self._sender_flagged(entry))
+            return f"{slot}: sender-flagged: {entry.tuned_by}"
+        pair = (entry.slot_key, entry.config_hash)
+        if pair in self._queued:
+            return f"{slot}: already waiting for verification"
+        if pair in self._refused_pairs:
+            return f"{slot}: refused here before"
+        if await self._holds(entry):
+            return f"{slot}: already installed"
+        await asyncio.to_thread(self.cache.put_incoming, entry)
+        self._enqueue(entry)
+        return None
+
+    def _enqueue(self, entry: KernelEntry) -> None:
+        self._queued.add((entry.slot_key, entry.config_hash))
+        self._queue.put_nowait((entry, self._evictions.get(entry.slot_key, 0)))
+        self.counters.queued += 1
+
+    async def _holds(self, entry: KernelEntry) -> bool:
+        current = await asyncio.to_thread(
+            self.cache.lookup, entry.fingerprint.key, entry.slot_key
+        )
+        return current is not None and current.entry.config == entry.config
+
+    async def evict(self, command: pb.EvictKernels) -> pb.CommandResult:
+        """Removes the named slots' entries, queued and waiting ones included."""
+        slots = set(command.slot_keys)
+        for slot in slots:
+            self._evictions[slot] = self._evictions.get(slot, 0) + 1
+        # Forgotten, so that a later tune of an evicted slot is published again.
+        for pair in [p for p in self._acked if p[0] in slots]:
+            del self._acked[pair]
+            self._dirty = True
+        removed = await asyncio.to_thread(self._remove_slots, slots)
+        log.info("kernels.evicted", slots=len(slots), removed=removed)
+        return pb.CommandResult(
+            status=pb.COMMAND_STATUS_DONE,
+            detail=f"removed {removed} of {len(slots)} kernel slots",
+        )
+
+    def _remove_slots(self, slots: set[str]) -> int:
+        removed = sum(1 for slot in slots if self.cache.remove_slot(slot))
+        for _, entry in self.cache.incoming():
+            if entry.slot_key in slots:
+                self.cache.drop_incoming(entry)
+        return removed
+
+    # Verification ------------------------------------------------------------
+
+    async def run_loop(self) -> None:
+        """Scans for local winners and verifies received entries; forever."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._scan_loop(), name="kernels-scan")
+            tg.create_task(self._verify_loop(), name="kernels-verify")
+
+    async def drained(self) -> None:
+        """Returns once every queued entry has been verified or dropped."""
+        await self._queue.join()
+
+    async def _scan_loop(self) -> None:
+        while True:
+            try:
+                await self.scan_once()
+                self._scan_failures = 0
+            except Exception as exc:
+                # A broken cache must not end the agent; log the first
+                # failure and then one line per hundred.
+                self._scan_failures += 1
+                if self._scan_failures % 100 == 1:
+                    log.error(
+                        "kernels.scan_failed",
+                        error=repr(exc),
+                        repeats=self._scan_failures,
+                        cache=str(self.cache.root),
+                    )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.scan_interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def _verify_loop(self) -> None:
+        while True:
+            entry, generation = await self._queue.get()
+            try:
+                await self._verify_queued(entry, generation)
+            except Exception:
+                log.exception("kernels.verify_crashed", slot_key=entry.slot_key)
+            finally:
+                self._queued.discard((entry.slot_key, entry.config_hash))
+                self._queue.task_done()
+
+    async def _verify_queued(self, entry: KernelEntry, generation: int) -> None:
+        if generation != self._evictions.get(entry.slot_key, 0):
+            await asyncio.to_thread(self.cache.drop_incoming, entry)
+            return
+        if entry.tuned_by in self._flags:
+            # The sender was flagged while this entry waited.
+            await asyncio.to_thread(self.cache.drop_incoming, entry)
+            self._add_verdict(entry, self._sender_flagged(entry))
+            return
+        if await self._holds(entry):
+            await asyncio.to_thread(self.cache.drop_incoming, entry)
+            return
+        outcome = await self._run_verifier(entry)
+        await self._apply(entry, outcome)
+
+    async def _run_verifier(self, entry: KernelEntry) -> VerifyOutcome:
+        path = await asyncio.to_thread(_entry_file, entry)
+        try:
+            return await self._run_verifier_on(path, entry.fingerprint.key)
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def _run_verifier_on(self, path: Path, fingerprint_key: str) -> VerifyOutcome:
+        argv = [
+            *self.cfg.verify_command,
+            str(path),
+            "--fingerprint-key",
+            fingerprint_key,
+            "--cache",
+            str(self.cache.root),
+            "--slack",
+            repr(float(self.cfg.slack)),
+        ]
+        if self.cfg.verify_bench:
+            argv += ["--bench", self.cfg.verify_bench]
+        # The agent's environment passes through (TRITON_INTERPRET, CUDA and
+        # ROCm settings, GPUFLEET_KERNEL_MODULES for user kernels).
+        env = dict(os.environ)
+        env.update({ENV_CACHE: str(self.cache.root), ENV_FINGERPRINT: fingerprint_key})
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            return _failed(
+                f"cannot run {argv[0]!r}: {exc.strerror or exc}; "
+                "set kernels.verify_command to a Python with torch and Triton"
+            )
+        try:
+            async with asyncio.timeout(self.cfg.verify_timeout_s):
+                out, err = await asyncio.gather(
+                    _read_capped(proc.stdout), _read_capped(proc.stderr)
+                )
+                returncode = await proc.wait()
+        except TimeoutError:
+            return _failed(
+                f"the verifier ran longer than kernels.verify_timeout_s="
+                f"{self.cfg.verify_timeout_s:g} s and was killed"
+            )
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(KILL_WAIT_S):
+                        await proc.wait()
+        return parse_verifier_output(out, returncode, err)
+
+    async def _apply(self, entry: KernelEntry, outcome: VerifyOutcome) -> None:
+        fields = {
+            "slot_key": entry.slot_key,
+            "kernel": entry.kernel,
+            "tuned_by": entry.tuned_by,
+            "config_hash": entry.config_hash,
+        }
+        if outcome.accepted:
+            verified = {
+                "entry_ms": outcome.entry_ms,
+                "default_ms": outcome.default_ms,
+                "at_s": self._clock(),
+            }
+            # The fleet's choice replaces a local winner, so that every rank
+            # of a job on any host runs the same config.
+            origin = "pinned" if entry.pinned else "peer"
+            await asyncio.to_thread(self.cache.store, entry, origin, verified)
+            await asyncio.to_thread(self.cache.drop_incoming, entry)
+            self.counters.verified += 1
+            log.info("kernel.config_applied", entry_ms=outcome.entry_ms, **fields)
+        else:
+            await asyncio.to_thread(self.cache.refuse, entry, outcome.reason)
+            self.counters.refused += 1
+            if outcome.blame_sender:
+                self._refused_pairs.add((entry.slot_key, entry.config_hash))
+                log.warning("kernel.refused", reason=outcome.reason, **fields)
+                await self._flag(entry.tuned_by, outcome.reason, entry.slot_key)
+            else:
+                self.counters.verify_failed += 1
+                log.error("kernel.verify_failed", reason=outcome.reason, **fields)
+        self._add_verdict(entry, outcome)
+
+    def _add_verdict(self, entry: KernelEntry, outcome: VerifyOutcome) -> None:
+        self._verdicts.append(
+            pb.KernelVerdict(
+                slot_key=entry.slot_key,
+                config_hash=entry.config_hash,
+                tuned_by=entry.tuned_by,
+                accepted=outcome.accepted,
+                reason=outcome.reason,
+                entry_ms=outcome.entry_ms,
+                default_ms=outcome.default_ms,
+                verified_at_s=self._clock(),
+            )
+        )
+        self._wake.set()
+
+    def _sender_flagged(self, entry: KernelEntry) -> VerifyOutcome:
+        why = self._flags[entry.tuned_by].get("reason", "")
+        return VerifyOutcome(
+            False,
+            f"sender-flagged: host {entry.tuned_by} sent a refused entry before "
+            f"({why})"[:MAX_REASON_CHARS],
+            blame_sender=False,
+        )
+
+    async def _flag(self, host_id: str, reason: str, slot_key: str) -> None:
+        if not host_id or host_id == self.host_id or host_id in self._flags:
+            return
+        self._flags[host_id] = {
+            "reason": reason[:MAX_REASON_CHARS],
+            "slot_key": slot_key,
+            "at_s": self._clock(),
+        }
+        log.warning("kernel.peer_flagged", peer=host_id, reason=reason)
+        try:
+            await asyncio.to_thread(
+                _write_json, self.cache.root / FLAGS_FILE, dict(self._flags)
+            )
+        except OSError as exc:
+            log.error("kernels.flags_unwritable", error=str(exc))
