@@ -123,10 +123,15 @@ async def test_cli_policy_apply_then_show_round_trips(
 
 
 async def test_cli_events_json_lists_connection(fleet, capsys) -> None:
-    code = await run_cli("--broker", fleet.addr, "--token", TOKEN, "--json", "events")
-    events = json.loads(capsys.readouterr().out)["events"]
-    assert code == 0
-    assert "host.connected" in [e["kind"] for e in events]
+    async def connection_listed() -> bool:
+        code = await run_cli(
+            "--broker", fleet.addr, "--token", TOKEN, "--json", "events"
+        )
+        events = json.loads(capsys.readouterr().out)["events"]
+        assert code == 0
+        return "host.connected" in [e["kind"] for e in events]
+
+    await eventually(connection_listed)
 
 
 async def test_cli_wrong_token_exits_2_with_hint(fleet, capsys) -> None:

@@ -177,12 +177,13 @@ async def test_fleet_agent_stopped_host_becomes_disconnected_not_idle(
     handle = await agent_factory(
         agent_config(tmp_path, broker.addr, "gone"), case12_replay(speedup=1)
     )
-    await handle.shutdown()
 
     async def status_is(expected: str) -> bool:
         hosts = (await broker.admin().call("ListHosts", pb.ListHostsRequest())).hosts
         return [h.status for h in hosts] == [expected]
 
+    await eventually(lambda: status_is("connected"))
+    await handle.shutdown()
     await eventually(lambda: status_is("disconnected"))
     assert await events_of(broker, "reaper.acting") == []
 
