@@ -51,3 +51,22 @@ def configure(level: str = "info", *, node_id: str | None = None) -> None:
     )
     if node_id:
         structlog.contextvars.bind_contextvars(node_id=node_id)
+
+
+def library_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A logger for code that runs inside a user's process (jobs, kernels).
+
+    It goes through stdlib logging whatever structlog's global set-up is, so
+    the process that imports gpufleet decides where its lines go; with no
+    set-up at all, warnings reach stderr and nothing is printed on stdout.
+    Each line reads ``event key=value ...``.
+    """
+    return structlog.wrap_logger(  # type: ignore[no-any-return]
+        logging.getLogger(name),
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.format_exc_info,
+            structlog.processors.KeyValueRenderer(key_order=["event"]),
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )

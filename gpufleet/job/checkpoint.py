@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import structlog
 import torch
 
 from gpufleet.job import distributed, rng
@@ -34,8 +33,9 @@ from gpufleet.job.storage import (
 )
 from gpufleet.job.writer import STATE_FILE, BackgroundWriter, SaveResult, snapshot
 from gpufleet.job.writer import write_state as write_state
+from gpufleet.logs import library_logger
 
-log = structlog.stdlib.get_logger(__name__)
+log = library_logger(__name__)
 
 CHECKPOINT_URL_ENV = "GPUFLEET_CHECKPOINT_URL"
 RESUME_ENV = "GPUFLEET_RESUME_FROM"

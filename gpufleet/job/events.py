@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import structlog
+from gpufleet.logs import library_logger
 
-log = structlog.stdlib.get_logger(__name__)
+log = library_logger(__name__)
 
 EVENTS_PATH_ENV = "GPUFLEET_EVENTS_PATH"
 JOB_ID_ENV = "GPUFLEET_JOB_ID"

@@ -12,10 +12,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 import torch
 
-log = structlog.stdlib.get_logger(__name__)
+from gpufleet.logs import library_logger
+
+log = library_logger(__name__)
 
 KNOWN_KEYS = ("python", "numpy", "torch_cpu", "torch_cuda")
 REQUIRED_KEYS = ("python", "numpy", "torch_cpu")

@@ -13,11 +13,10 @@ import threading
 from types import FrameType
 from typing import Any
 
-import structlog
-
 from gpufleet.job.errors import CheckpointError
+from gpufleet.logs import library_logger
 
-log = structlog.stdlib.get_logger(__name__)
+log = library_logger(__name__)
 
 SIGNAL_ENV = "GPUFLEET_CHECKPOINT_SIGNAL"
 DEFAULT_SIGNAL = "SIGUSR1"

@@ -11,16 +11,15 @@ import os
 import time
 from pathlib import Path
 
-import structlog
-
 from gpufleet.job.checkpoint import CHECKPOINT_URL_ENV, RESUME_ENV
 from gpufleet.job.errors import CheckpointError
 from gpufleet.job.events import EventLog
 from gpufleet.job.manifest import check, newest_complete, seal_existing
 from gpufleet.job.signals import CheckpointRequest
 from gpufleet.job.storage import LocalStorage, parse_step, split_checkpoint_url
+from gpufleet.logs import library_logger
 
-log = structlog.stdlib.get_logger(__name__)
+log = library_logger(__name__)
 
 
 class SaveTrigger:

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 import torch
 
 from gpufleet.job.manifest import FileEntry, HashingWriter, Manifest, seal
 from gpufleet.job.storage import Storage
+from gpufleet.logs import library_logger
 
-log = structlog.stdlib.get_logger(__name__)
+log = library_logger(__name__)
 
 STATE_FILE = "state.pt"
 

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 import torch
 import triton
 
@@ -48,8 +47,9 @@ from gpufleet.kernels.entry import (
     source_hash,
 )
 from gpufleet.kernels.fingerprint import HardwareFingerprint
+from gpufleet.logs import library_logger
 
-log = structlog.stdlib.get_logger(__name__)
+log = library_logger(__name__)
 
 ENV_INTERPRET = "TRITON_INTERPRET"
 # Launch options that Triton takes beside the kernel's own constexpr

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
 from gpufleet.kernels.autotune import (
@@ -55,8 +54,9 @@ from gpufleet.kernels.registry import (
     clone_inputs,
     get,
 )
+from gpufleet.logs import library_logger
 
-log = structlog.stdlib.get_logger(__name__)
+log = library_logger(__name__)
 
 EXIT_VERDICT = 0
 EXIT_FAILED = 1
