@@ -110,7 +110,16 @@ def default_cache_dir() -> Path:
     return KernelCache().root
 
 
-def _open_cache(cache_dir: Path | None) -> KernelCache:
+def _open_cache(cache_dir: Path | None, *, create: bool = False) -> KernelCache:
+    if cache_dir is not None and create:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                "--cache-dir",
+                [f"{cache_dir}: cannot create it ({exc})"],
+                hint=_CACHE_HINT,
+            ) from None
     if cache_dir is not None:
         try:
             exists = cache_dir.is_dir()
@@ -505,7 +514,7 @@ def tune(
     The agent on this host publishes it to hosts with the same GPU.
     """
     sizes = parse_shape(shape)
-    cache = _open_cache(cache_dir)
+    cache = _open_cache(cache_dir, create=True)
     if interpret:
         # Triton reads this when it is first imported, below.
         os.environ["TRITON_INTERPRET"] = "1"
