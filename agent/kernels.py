@@ -28,7 +28,12 @@ import structlog
 from google.protobuf import json_format
 
 from gpufleet.agent.config import KernelsConfig
-from gpufleet.kernels.cache import ENV_CACHE, ENV_FINGERPRINT, KernelCache
+from gpufleet.kernels.cache import (
+    ENV_CACHE,
+    ENV_FINGERPRINT,
+    KernelCache,
+    write_json_atomic,
+)
 from gpufleet.kernels.entry import EntryRejected, KernelEntry, config_hash
 from gpufleet.kernels.fingerprint import HardwareFingerprint, fingerprint_of
 from gpufleet.proto import pb
@@ -132,19 +137,6 @@ def parse_verifier_output(
         default_ms=timings[1],
         blame_sender=not reason.startswith("verify-failed"),
     )
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, sort_keys=True, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -392,7 +384,7 @@ class KernelShare:
         if self._dirty:
             self._dirty = False
             await asyncio.to_thread(
-                _write_json, self.cache.root / STATE_FILE, self._state()
+                write_json_atomic, self.cache.root / STATE_FILE, self._state()
             )
         return report
 
@@ -685,7 +677,7 @@ class KernelShare:
         log.warning("kernel.peer_flagged", peer=host_id, reason=reason)
         try:
             await asyncio.to_thread(
-                _write_json, self.cache.root / FLAGS_FILE, dict(self._flags)
+                write_json_atomic, self.cache.root / FLAGS_FILE, dict(self._flags)
             )
         except OSError as exc:
             log.error("kernels.flags_unwritable", error=str(exc))

@@ -88,7 +88,8 @@ def _read_json(path: Path) -> Any:
     return json.loads(blob)
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes ``data`` as JSON so that readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
@@ -173,7 +174,7 @@ class KernelCache:
         entry.check()
         path = self._entry_path(entry.fingerprint.key, entry.slot_key)
         now = time.time()
-        _write_json(
+        write_json_atomic(
             path,
             {
                 "entry": entry.to_dict(),
@@ -231,7 +232,9 @@ class KernelCache:
         """Keeps a received entry until it is verified; returns its file."""
         entry.check()
         path = self.root / "incoming" / self._pending_name(entry)
-        _write_json(path, {"entry": entry.to_dict(), "received_at_s": time.time()})
+        write_json_atomic(
+            path, {"entry": entry.to_dict(), "received_at_s": time.time()}
+        )
         return path
 
     def incoming(self) -> list[tuple[Path, KernelEntry]]:
@@ -259,7 +262,7 @@ class KernelCache:
     def refuse(self, entry: KernelEntry, reason: str) -> Path:
         """Records that ``entry`` was refused here, and why."""
         path = self.root / "refused" / self._pending_name(entry)
-        _write_json(
+        write_json_atomic(
             path, {"entry": entry.to_dict(), "reason": reason, "at_s": time.time()}
         )
         self.drop_incoming(entry)
@@ -293,7 +296,7 @@ class KernelCache:
         self, fingerprints: dict[str, HardwareFingerprint], default_key: str
     ) -> None:
         """Records which fingerprint each GPU (by uuid) of this host has."""
-        _write_json(
+        write_json_atomic(
             self.root / "host.json",
             {
                 "fingerprints": {
