@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import os
-import platform
 import socket
 import statistics
 import textwrap
@@ -32,13 +30,15 @@ import torch
 import triton
 
 from gpufleet.kernels.cache import (
-    ENV_CACHE,
-    ENV_FINGERPRINT,
     CacheLockTimeout,
     KernelCache,
     StoredEntry,
 )
 from gpufleet.kernels.candidates import candidates_for, vendor_of
+from gpufleet.kernels.device import ENV_INTERPRET as ENV_INTERPRET
+from gpufleet.kernels.device import cpu_fingerprint as cpu_fingerprint
+from gpufleet.kernels.device import cuda_fingerprint as cuda_fingerprint
+from gpufleet.kernels.device import interpreting, local_fingerprint
 from gpufleet.kernels.entry import (
     EntryRejected,
     KernelEntry,
@@ -51,7 +51,6 @@ from gpufleet.logs import library_logger
 
 log = library_logger(__name__)
 
-ENV_INTERPRET = "TRITON_INTERPRET"
 # Launch options that Triton takes beside the kernel's own constexpr
 # arguments; every other config name must be a parameter of the kernel.
 LAUNCH_OPTIONS = frozenset(
@@ -137,14 +136,6 @@ class Launch:
 BenchFn = Callable[[Launch], float]
 
 
-def interpreting() -> bool:
-    """Whether Triton kernels decorated now run in the interpreter."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)  # what @triton.jit itself reads
-    return os.environ.get(ENV_INTERPRET, "").strip().lower() in ("1", "true", "on")
-
-
 def interpreter_bench(launch: Launch) -> float:
     """Median wall time of a few runs in ms; for the interpreter."""
     times = []
@@ -178,132 +169,6 @@ def default_bench() -> BenchFn:
     if _global_bench is not None:
         return _global_bench
     return interpreter_bench if interpreting() else gpu_bench
-
-
-# ---------------------------------------------------------------- fingerprint
-
-_fingerprints: dict[tuple[str, str, int, bool], HardwareFingerprint] = {}
-_fingerprints_lock = threading.Lock()
-
-
-def local_fingerprint(
-    cache: KernelCache | None = None, *, device: int | None = None
-) -> HardwareFingerprint:
-    """The hardware fingerprint this process tunes and looks up entries for.
-
-    In order: the fingerprint named by ``GPUFLEET_KERNEL_FINGERPRINT`` (set by
-    the agent for the jobs it starts) among the host's fingerprints in the
-    cache's ``host.json``; else one computed from ``torch.cuda`` for
-    ``device`` (the current device by default), replaced by the agent's
-    record of the same GPU when ``host.json`` has one; else, under the
-    interpreter or without a GPU, a ``cpu`` fingerprint.
-    """
-    # Called on every kernel call: the memo key is built from the environment
-    # alone, and the cache object only made when the memo misses.
-    wanted = os.environ.get(ENV_FINGERPRINT, "").strip()
-    root = str(cache.root) if cache is not None else os.environ.get(ENV_CACHE, "")
-    use_gpu = not interpreting() and torch.cuda.is_available()
-    if use_gpu and device is None:
-        device = torch.cuda.current_device()
-    memo = (wanted, root, -1 if device is None else device, use_gpu)
-    known = _fingerprints.get(memo)
-    if known is not None:
-        return known
-    cache = cache if cache is not None else KernelCache()
-    fingerprint = _find_fingerprint(cache, wanted, device if use_gpu else None)
-    with _fingerprints_lock:
-        _fingerprints[memo] = fingerprint
-    return fingerprint
-
-
-def _find_fingerprint(
-    cache: KernelCache, wanted: str, device: int | None
-) -> HardwareFingerprint:
-    if wanted:
-        found = cache.fingerprint(wanted)
-        if found is not None:
-            return found
-        log.warning(
-            "kernels.fingerprint_unknown",
-            fingerprint_key=wanted,
-            host_file=str(cache.root / "host.json"),
-            hint="the agent writes host.json; computing the fingerprint instead",
-        )
-    if device is None:
-        return cpu_fingerprint()
-    computed = cuda_fingerprint(device)
-    host = cache.read_host()
-    if host is not None:
-        for recorded in host[0].values():
-            if (
-                recorded.vendor,
-                recorded.product,
-                recorded.compute_capability,
-                recorded.mem_total_gib,
-            ) == (
-                computed.vendor,
-                computed.product,
-                computed.compute_capability,
-                computed.mem_total_gib,
-            ):
-                return recorded
-    return computed
-
-
-def cpu_fingerprint() -> HardwareFingerprint:
-    """The fingerprint of the Triton interpreter on this kind of CPU."""
-    return HardwareFingerprint(
-        vendor="cpu",
-        product=f"triton-interpreter-{platform.machine() or 'unknown'}",
-        compute_capability="interpreter",
-        mem_total_gib=0,
-        driver_major="",
-        runtime=f"torch-{torch.__version__.split('+', 1)[0]}",
-        triton=triton.__version__,
-    )
-
-
-def cuda_fingerprint(device: int) -> HardwareFingerprint:
-    """The fingerprint of one GPU as torch sees it (NVIDIA or AMD)."""
-    props = torch.cuda.get_device_properties(device)
-    hip = getattr(torch.version, "hip", None)
-    if hip:
-        vendor = "amd"
-        capability = str(getattr(props, "gcnArchName", "")).split(":", 1)[0]
-        runtime = str(hip)
-    else:
-        vendor = "nvidia"
-        capability = f"{props.major}.{props.minor}"
-        runtime = str(torch.version.cuda or "")
-    return HardwareFingerprint(
-        vendor=vendor,
-        product=" ".join(props.name.split()),
-        compute_capability=capability,
-        mem_total_gib=round(props.total_memory / 1024**3),
-        driver_major=_driver_major(vendor),
-        runtime=runtime,
-        triton=triton.__version__,
-        multiprocessors=int(props.multi_processor_count),
-    )
-
-
-def _driver_major(vendor: str) -> str:
-    """The driver's major version as the agent records it, when NVML tells."""
-    if vendor != "nvidia":
-        return ""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            version = pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # NVML is optional in a job; the key then just differs.
-        return ""
-    if isinstance(version, bytes):
-        version = version.decode()
-    return str(version).split(".", 1)[0]
 
 
 # ---------------------------------------------------------------- tuning key
