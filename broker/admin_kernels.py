@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 
 from gpufleet.broker.core import BrokerCore
-from gpufleet.broker.kernels import Choice, KernelCatalog, KernelSlotNotFoundError
+from gpufleet.broker.kernel_choice import Choice
+from gpufleet.broker.kernels import KernelCatalog, KernelSlotNotFoundError
 from gpufleet.broker.kernelstore import ReportRecord
 from gpufleet.proto import pb
 

@@ -6,8 +6,8 @@ each entry, stores it per slot (``kernelstore``), chooses one config per
 slot and pushes it as ``Command.install_kernels`` to every connected agent
 with that hardware fingerprint that has not reported that config itself. A
 refused verdict flags the tuner: its reports stop counting and its later
-entries are refused. ``choose`` is the pure decision; ``KernelCatalog`` owns
-the I/O around it.
+entries are refused. ``kernel_choice.choose`` is the pure decision;
+``KernelCatalog`` owns the I/O around it.
 """
 
 from __future__ import annotations
@@ -17,15 +17,19 @@ import dataclasses
 import json
 import math
 import re
-import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
 
 from gpufleet.broker.core import BrokerCore, new_id
 from gpufleet.broker.fleet import HostState
+from gpufleet.broker.kernel_choice import (
+    SLOT_STATES,
+    Choice,
+    choose,
+)
 from gpufleet.broker.kernelstore import (
     REFUSED,
     TUNED,
@@ -50,11 +54,6 @@ from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 
-PINNED = "pinned"
-AGREED = "agreed"
-DISPUTED = "disputed"
-NO_CHOICE = "refused"
-SLOT_STATES = (PINNED, AGREED, DISPUTED, NO_CHOICE)
 # As many fingerprints as a host may have GPUs (agents.MAX_GPUS_PER_HOST).
 MAX_FINGERPRINTS = 64
 # Entries, and verdicts, read from one report; the rest is refused. A report
@@ -81,98 +80,6 @@ class KernelSlotNotFoundError(GpufleetError):
 
 
 # ---------------------------------------------------------------- decisions
-
-
-@dataclasses.dataclass(frozen=True)
-class Choice:
-    """What the catalog pushes for one slot, and why.
-
-    ``entry`` is None in state ``refused``: no config is left that counts.
-    ``template`` is any tuned entry of the slot, for its descriptive fields.
-    """
-
-    slot_key: str
-    fingerprint_key: str
-    kernel: str
-    state: str
-    entry: KernelEntry | None
-    template: KernelEntry | None
-
-    @property
-    def config_hash(self) -> str | None:
-        return None if self.entry is None else self.entry.config_hash
-
-    @property
-    def pinned(self) -> bool:
-        return self.state == PINNED
-
-
-def _time_ms(chash: str, counting: list[ReportRecord]) -> float:
-    """Verified times where there are any, else the tuners' own."""
-    mine = [r for r in counting if r.config_hash == chash]
-    verified = [r.entry_ms for r in mine if r.role == VERIFIED and r.entry_ms > 0]
-    if verified:
-        return statistics.fmean(verified)
-    tuned = [r.entry.winner_ms for r in mine if r.role == TUNED and r.entry]
-    return min(tuned, default=math.inf)
-
-
-def choose(
-    slot_key: str,
-    reports: Iterable[ReportRecord],
-    pin: PinRecord | None,
-    flagged: Mapping[str, object] | set[str],
-) -> Choice | None:
-    """Chooses a slot's config: pinned, else most agreeing hosts, else fastest.
-
-    Agreement counts distinct hosts that tuned or accepted a config; flagged
-    hosts count for nothing, and a config only a flagged host tuned is never
-    chosen (its entry would come from that host). Ties in agreement go to
-    the lower time (mean verified ``entry_ms`` where hosts verified it, else
-    the tuners' ``winner_ms``), then to the lower config hash.
-
-    Returns:
-        None when the slot has neither reports nor a pin.
-    """
-    reports = list(reports)
-    if not reports and pin is None:
-        return None
-    counting = [
-        r for r in reports if r.host_id not in flagged and r.role in (TUNED, VERIFIED)
-    ]
-    agreeing: dict[str, set[str]] = {}
-    for r in counting:
-        agreeing.setdefault(r.config_hash, set()).add(r.host_id)
-    tuned: dict[str, list[ReportRecord]] = {}
-    for r in counting:
-        if r.role == TUNED and r.entry is not None:
-            tuned.setdefault(r.config_hash, []).append(r)
-    templates = [r.entry for r in reports if r.entry is not None]
-    template = templates[0] if templates else (pin.entry if pin else None)
-    fingerprint_key = reports[0].fingerprint_key if reports else ""
-    kernel = reports[0].kernel if reports else ""
-    if pin is not None:
-        hosts = len(agreeing.get(pin.config_hash, ()))
-        entry = pin.entry.with_agreement(hosts, pinned=True)
-        return Choice(
-            slot_key,
-            entry.fingerprint.key,
-            entry.kernel,
-            PINNED,
-            entry,
-            template,
-        )
-    if not tuned:
-        return Choice(slot_key, fingerprint_key, kernel, NO_CHOICE, None, template)
-    best = min(
-        tuned,
-        key=lambda c: (-len(agreeing[c]), _time_ms(c, counting), c),
-    )
-    first = min(tuned[best], key=lambda r: (r.at_s, r.host_id))
-    assert first.entry is not None
-    entry = first.entry.with_agreement(len(agreeing[best]), pinned=False)
-    state = AGREED if len(agreeing) == 1 else DISPUTED
-    return Choice(slot_key, fingerprint_key, kernel, state, entry, template)
 
 
 def read_fingerprints(

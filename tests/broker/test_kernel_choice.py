@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpufleet.broker.kernels import choose
+from gpufleet.broker.kernel_choice import choose
 from gpufleet.broker.kernelstore import (
     REFUSED,
     TUNED,
