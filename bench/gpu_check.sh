@@ -3,25 +3,37 @@
 #
 # Run from anywhere on a machine with an NVIDIA GPU and driver:
 #
-#     bench/gpu_check.sh                 # the whole check, about 2-4 minutes
+#     bench/gpu_check.sh                 # the whole check, about 4-7 minutes
 #     bench/gpu_check.sh --fetch-wheels  # on a networked machine: fetch wheels
 #
 # Sections: 0 GPU present, 1 install gpufleet with the agent, broker and
 # nvidia extras into a virtual environment, 2 the GPU-marked NVML test,
 # 3 ten rounds of the NVML collector (util, SM activity from GPM, memory,
 # power, processes per GPU), 4 the same sampling while torch keeps the GPU
-# busy, when torch is installed (it is never installed by this script).
+# busy, 5 bench/kernel_reuse.py: tune the Triton matmul once, time it against
+# its default config and torch.matmul, and reuse the tuned config in a fresh
+# process (4 and 5 only where torch with CUDA, and for 5 Triton, are already
+# importable: this script never installs them).
 #
 # The machine may have no package index (the H200 device machine has none):
 # then the dependencies its python lacks must travel as wheels in .whl/ at
 # the repository root; --fetch-wheels downloads them for CPython 3.12 on
-# x86-64 Linux. Output is also written to $OUT/gpu_check.log when OUT is set.
+# x86-64 Linux; torch and Triton are not among them (their CUDA wheels are
+# gigabytes): the venv sees the packages of the python that made it, through a
+# .pth file, and with GPU_CHECK_SYSTEM_TORCH=1 also the base interpreter's
+# system and user site-packages (venv --system-site-packages), for a host
+# where torch is installed there. Output is also written to
+# $OUT/gpu_check.log when OUT is set, and the kernel figures to
+# $OUT/kernel_reuse.json.
 # Exit codes: 0 done, 2 no NVIDIA GPU here, other: a step failed.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_VENV (default
 # /tmp/gpufleet-gpu-venv), GPU_CHECK_ROUNDS (default 10), GPU_CHECK_WHEELS
-# (default .whl), GPU_CHECK_FORCE=1 runs past a missing GPU (to test the
-# script itself on a machine without one).
+# (default .whl), GPU_CHECK_SYSTEM_TORCH=1 (see above), GPU_CHECK_KERNEL_SHAPES
+# (default 1024x1024x1024,4096x4096x4096,8192x8192x4096), GPU_CHECK_KERNEL_DTYPE
+# (default float16), GPU_CHECK_KERNEL_TIMEOUT (seconds for section 5, default
+# 240), GPU_CHECK_FORCE=1 runs past a missing GPU (to test the script itself
+# on a machine without one).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,6 +42,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${GPU_CHECK_VENV:-/tmp/gpufleet-gpu-venv}
 ROUNDS=${GPU_CHECK_ROUNDS:-10}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
+SYSTEM_TORCH=${GPU_CHECK_SYSTEM_TORCH:-0}
+KERNEL_SHAPES=${GPU_CHECK_KERNEL_SHAPES:-1024x1024x1024,4096x4096x4096,8192x8192x4096}
+KERNEL_DTYPE=${GPU_CHECK_KERNEL_DTYPE:-float16}
+KERNEL_TIMEOUT=${GPU_CHECK_KERNEL_TIMEOUT:-240}
 # What the check installs besides the project: the test runner and plugins.
 TEST_DEPS=(pytest pytest-asyncio pytest-timeout)
 
@@ -89,7 +105,14 @@ fi
 
 section "1. install gpufleet[agent,broker,nvidia] into $VENV"
 "$PYTHON" --version
-"$PYTHON" -m venv "$VENV"
+VENV_ARGS=()
+if [[ "$SYSTEM_TORCH" == "1" ]]; then
+    # For a torch installed in the base interpreter's system or user
+    # site-packages, which the .pth file below does not cover.
+    echo "GPU_CHECK_SYSTEM_TORCH=1: the venv also sees the system site-packages"
+    VENV_ARGS+=(--system-site-packages)
+fi
+"$PYTHON" -m venv ${VENV_ARGS[@]+"${VENV_ARGS[@]}"} "$VENV"
 # The new environment also sees the base python's packages (torch on the
 # device machine), after its own, through a .pth file.
 BASE_SITE=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -190,15 +213,42 @@ section "4. NVML collector while torch keeps GPU 0 busy"
 if ! "$VENV/bin/python" -c 'import torch; assert torch.cuda.is_available()' \
     2>/dev/null; then
     echo "torch with CUDA is not installed here: burst skipped (not installed by" \
-        "this script)."
-    exit 0
+        "this script; GPU_CHECK_SYSTEM_TORCH=1 lets the venv see a system torch)."
+else
+    BURST_S=$((ROUNDS + 6))
+    "$VENV/bin/python" "$TMP/burst.py" "$BURST_S" &
+    BURST_PID=$!
+    sleep 4 # CUDA start-up and the first products
+    "$VENV/bin/python" "$TMP/sample.py" "$ROUNDS"
+    wait "$BURST_PID"
+    echo "expected: util and sm_active near 1 on GPU 0 during the burst, the burst's"
+    echo "python process in its process list, power and SM clock up."
 fi
-BURST_S=$((ROUNDS + 6))
-"$VENV/bin/python" "$TMP/burst.py" "$BURST_S" &
-BURST_PID=$!
-sleep 4 # CUDA start-up and the first products
-"$VENV/bin/python" "$TMP/sample.py" "$ROUNDS"
-wait "$BURST_PID"
-echo "expected: util and sm_active near 1 on GPU 0 during the burst, the burst's"
-echo "python process in its process list, power and SM clock up."
+
+section "5. kernel reuse: tune a Triton matmul once, reuse it in a fresh process"
+if ! "$VENV/bin/python" -c \
+    'import torch, triton; assert torch.cuda.is_available()' 2>/dev/null; then
+    echo "torch with CUDA and Triton are not both importable here: kernel_reuse" \
+        "skipped (not installed by this script; GPU_CHECK_SYSTEM_TORCH=1 lets the" \
+        "venv see a system torch)."
+else
+    KERNEL_ARGS=(--shapes "$KERNEL_SHAPES" --dtype "$KERNEL_DTYPE")
+    if [[ -n "${OUT:-}" ]]; then
+        KERNEL_ARGS+=(--out "$OUT/kernel_reuse.json")
+    fi
+    # Bounded: each shape tunes its 11 NVIDIA candidates twice (in the
+    # script and in a cold process, each compiling afresh), so the shapes
+    # set the time; kernel_reuse.py ends its fresh processes when stopped.
+    KERNEL_RC=0
+    timeout "$KERNEL_TIMEOUT" "$VENV/bin/python" bench/kernel_reuse.py \
+        "${KERNEL_ARGS[@]}" || KERNEL_RC=$?
+    if [[ "$KERNEL_RC" == "124" ]]; then
+        echo "gpu_check: kernel_reuse.py ran past ${KERNEL_TIMEOUT} s" \
+            "(GPU_CHECK_KERNEL_TIMEOUT); pass fewer or smaller" \
+            "GPU_CHECK_KERNEL_SHAPES." >&2
+    fi
+    if [[ "$KERNEL_RC" != "0" ]]; then
+        exit "$KERNEL_RC"
+    fi
+fi
 section "done"
