@@ -18,6 +18,11 @@ from pathlib import Path
 
 import pytest
 
+# Triton decorates its own standard library (tl.cdiv, tl.sigmoid, ...) when it
+# is imported: imported before this line, those helpers need a GPU.
+_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get(
+    "TRITON_INTERPRET", ""
+) not in ("1", "true", "on")
 os.environ["TRITON_INTERPRET"] = "1"
 
 try:
@@ -66,7 +71,7 @@ def _compiled_for_gpu() -> list[str]:
     return found
 
 
-_TOO_LATE = _compiled_for_gpu()
+_TOO_LATE = _compiled_for_gpu() + (["triton"] if _TRITON_PRELOADED else [])
 
 
 def pytest_collection_modifyitems(
@@ -74,6 +79,11 @@ def pytest_collection_modifyitems(
 ) -> None:
     if not _TOO_LATE:
         return
+    if os.environ.get("CI"):
+        raise pytest.UsageError(
+            f"{', '.join(_TOO_LATE)} imported before tests/kernels set "
+            "TRITON_INTERPRET=1; import Triton lazily in the test that did it"
+        )
     here = Path(__file__).parent
     skip = pytest.mark.skip(
         reason=f"{', '.join(_TOO_LATE)} were imported before TRITON_INTERPRET=1 "
