@@ -12,7 +12,13 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 
-from gpufleet.broker.kernelstore import TUNED, VERIFIED, PinRecord, ReportRecord
+from gpufleet.broker.kernelstore import (
+    REFUSED,
+    TUNED,
+    VERIFIED,
+    PinRecord,
+    ReportRecord,
+)
 from gpufleet.kernels.entry import KernelEntry
 
 PINNED = "pinned"
@@ -20,6 +26,45 @@ AGREED = "agreed"
 DISPUTED = "disputed"
 NO_CHOICE = "refused"
 SLOT_STATES = (PINNED, AGREED, DISPUTED, NO_CHOICE)
+# A verifier that could not reach a verdict (it crashed or timed out) says
+# nothing against the tuner, and a host refusing a tuner it flagged earlier
+# reported that refusal already: neither flags anyone, and the host is sent
+# the entry again when it reconnects.
+NON_FLAGGING_CAUSES = frozenset({"verify-failed", "sender-flagged"})
+_ROLE_RANK = {REFUSED: 0, VERIFIED: 1, TUNED: 2}
+
+
+def cause_of(reason: str) -> str:
+    """The kebab-case cause at the start of a ``cause: detail`` reason."""
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+def latest_by_host(reports: Iterable[ReportRecord]) -> dict[str, ReportRecord]:
+    """Each host's latest report on a slot: what that host runs there now."""
+    latest: dict[str, ReportRecord] = {}
+    for r in reports:
+        current = latest.get(r.host_id)
+        if current is None or (r.at_s, _ROLE_RANK.get(r.role, 0)) > (
+            current.at_s,
+            _ROLE_RANK.get(current.role, 0),
+        ):
+            latest[r.host_id] = r
+    return latest
+
+
+def settled(choice_config_hash: str | None, latest: ReportRecord | None) -> bool:
+    """Whether a host needs no push of the chosen config.
+
+    It runs that config (tuned or verified it last), or refused it for a
+    reason that a second try would not change.
+    """
+    if latest is None or choice_config_hash is None:
+        return False
+    if latest.config_hash != choice_config_hash:
+        return False
+    if latest.role in (TUNED, VERIFIED):
+        return True
+    return cause_of(latest.reason) not in NON_FLAGGING_CAUSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +109,10 @@ def choose(
 ) -> Choice | None:
     """Chooses a slot's config: pinned, else most agreeing hosts, else fastest.
 
-    Agreement counts distinct hosts that tuned or accepted a config; flagged
-    hosts count for nothing, and a config only a flagged host tuned is never
-    chosen (its entry would come from that host). Ties in agreement go to
+    Agreement counts distinct hosts whose latest report on the slot tuned or
+    accepted a config (what they run now); flagged hosts count for nothing,
+    and a config only a flagged host tuned is never chosen (its entry would
+    come from that host). Ties in agreement go to
     the lower time (mean verified ``entry_ms`` where hosts verified it, else
     the tuners' ``winner_ms``), then to the lower config hash.
 
@@ -76,15 +122,18 @@ def choose(
     reports = list(reports)
     if not reports and pin is None:
         return None
+    # A host agrees with the config it runs now: its latest report.
     counting = [
-        r for r in reports if r.host_id not in flagged and r.role in (TUNED, VERIFIED)
+        r
+        for r in latest_by_host(reports).values()
+        if r.host_id not in flagged and r.role in (TUNED, VERIFIED)
     ]
     agreeing: dict[str, set[str]] = {}
     for r in counting:
         agreeing.setdefault(r.config_hash, set()).add(r.host_id)
     tuned: dict[str, list[ReportRecord]] = {}
-    for r in counting:
-        if r.role == TUNED and r.entry is not None:
+    for r in reports:
+        if r.host_id not in flagged and r.role == TUNED and r.entry is not None:
             tuned.setdefault(r.config_hash, []).append(r)
     templates = [r.entry for r in reports if r.entry is not None]
     template = templates[0] if templates else (pin.entry if pin else None)
@@ -105,10 +154,10 @@ def choose(
         return Choice(slot_key, fingerprint_key, kernel, NO_CHOICE, None, template)
     best = min(
         tuned,
-        key=lambda c: (-len(agreeing[c]), _time_ms(c, counting), c),
+        key=lambda c: (-len(agreeing.get(c, ())), _time_ms(c, counting), c),
     )
     first = min(tuned[best], key=lambda r: (r.at_s, r.host_id))
     assert first.entry is not None
-    entry = first.entry.with_agreement(len(agreeing[best]), pinned=False)
-    state = AGREED if len(agreeing) == 1 else DISPUTED
+    entry = first.entry.with_agreement(len(agreeing.get(best, ())), pinned=False)
+    state = AGREED if len(agreeing) <= 1 else DISPUTED
     return Choice(slot_key, fingerprint_key, kernel, state, entry, template)

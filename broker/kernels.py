@@ -26,9 +26,12 @@ import structlog
 from gpufleet.broker.core import BrokerCore, new_id
 from gpufleet.broker.fleet import HostState
 from gpufleet.broker.kernel_choice import (
+    NON_FLAGGING_CAUSES,
     SLOT_STATES,
     Choice,
     choose,
+    latest_by_host,
+    settled,
 )
 from gpufleet.broker.kernelstore import (
     REFUSED,
@@ -65,10 +68,6 @@ MAX_REFUSAL_EVENTS = 20
 # Entries per install_kernels command, so that a host with many slots gets
 # several commands well under the 4 MiB message limit.
 INSTALL_CHUNK = 500
-# A verifier that could not reach a verdict (it crashed or timed out) says
-# nothing against the tuner, and a host refusing a tuner it flagged earlier
-# reported that refusal already: neither flags anyone.
-NON_FLAGGING_CAUSES = frozenset({"verify-failed", "sender-flagged"})
 MAX_REASON_CHARS = 1000
 _SLOT_KEY = re.compile(r"^[0-9a-f]{24}$")
 _CONFIG_HASH = re.compile(r"^[0-9a-f]{16}$")
@@ -192,15 +191,23 @@ class KernelCatalog:
     async def host_connected(self, host: HostState) -> None:
         """Sends a host every chosen entry of its fingerprints it lacks.
 
-        Entries of install commands still open for the host (sent again
-        after the Welcome) are not sent twice.
+        A host lacks an entry unless its latest report on the slot says it
+        runs that config, or refused it for good. Entries of install
+        commands still open for the host (sent again after the Welcome) are
+        not sent twice.
         """
         if not host.kernel_fingerprints:
             return
         async with self._lock:
-            reported = await self.store.reported_by_host(host.host_id)
-            reported |= await self._installs_in_flight(host.host_id)
-            await self._send_installs({host.host_id: self._lacking(host, reported)})
+            slots = await self.store.slots_of_host(host.host_id)
+            reports = await self.store.reports_for_slots(slots)
+            skip = await self._installs_in_flight(host.host_id)
+            for slot_key, mine in reports.items():
+                latest = latest_by_host(mine).get(host.host_id)
+                choice = self.choices.get(slot_key)
+                if choice is not None and settled(choice.config_hash, latest):
+                    skip.add((slot_key, choice.config_hash or ""))
+            await self._send_installs({host.host_id: self._lacking(host, skip)})
 
     async def _installs_in_flight(self, host_id: str) -> set[tuple[str, str]]:
         pairs: set[tuple[str, str]] = set()
@@ -290,7 +297,7 @@ class KernelCatalog:
         for verdict in verdicts[:MAX_REPORT_ITEMS]:
             touched |= await self._on_verdict(host, verdict, now)
         if touched:
-            await self._refresh(touched)
+            await self._refresh(touched, reporters={host.host_id})
         return pb.KernelReportAck(report_id=report.report_id, refused=refused)
 
     def _check_entry(self, host: HostState, message: pb.KernelEntry) -> KernelEntry:
@@ -492,8 +499,15 @@ class KernelCatalog:
 
     # ------------------------------------------------------------ choices
 
-    async def _refresh(self, slot_keys: set[str]) -> None:
-        """Decides the given slots again; pushes and publishes what moved."""
+    async def _refresh(
+        self, slot_keys: set[str], reporters: set[str] | None = None
+    ) -> None:
+        """Decides the given slots again; pushes and publishes what moved.
+
+        A slot whose choice moved goes to every host that lacks it; one
+        whose choice stayed goes to the ``reporters`` that now lack it (a
+        host that tuned another winner after it had the fleet's).
+        """
         reports = await self.store.reports_for_slots(slot_keys)
         pushes: dict[str, list[KernelEntry]] = {}
         moved: set[str] = set()
@@ -510,11 +524,19 @@ class KernelCatalog:
             self.choices[slot_key] = new
             if new != old:
                 moved.add(new.fingerprint_key)
-            if new.entry is None or (
+            if new.entry is None:
+                continue
+            if (
                 old is not None
                 and old.config_hash == new.config_hash
                 and old.pinned == new.pinned
             ):
+                # Only to a host that tuned something else since: one that
+                # could not verify it is sent it again when it reconnects.
+                latest = latest_by_host(mine)
+                for host_id in self._targets(new, mine, only=reporters or set()):
+                    if latest[host_id].role == TUNED:
+                        pushes.setdefault(host_id, []).append(new.entry)
                 continue
             self._pushed[slot_key] = set()
             log.info(
@@ -531,15 +553,21 @@ class KernelCatalog:
         for fingerprint_key in moved:
             self._publish_catalog(fingerprint_key)
 
-    def _targets(self, choice: Choice, reports: list[ReportRecord]) -> list[str]:
+    def _targets(
+        self,
+        choice: Choice,
+        reports: list[ReportRecord],
+        only: set[str] | None = None,
+    ) -> list[str]:
         """Connected hosts of the slot's hardware that lack its config."""
-        reported = {r.host_id for r in reports if r.config_hash == choice.config_hash}
+        latest = latest_by_host(reports)
         return sorted(
             h.host_id
             for h in self.core.fleet.hosts.values()
             if h.outbox is not None
+            and (only is None or h.host_id in only)
             and choice.fingerprint_key in h.kernel_fingerprints
-            and h.host_id not in reported
+            and not settled(choice.config_hash, latest.get(h.host_id))
         )
 
     async def _send_installs(self, pushes: Mapping[str, list[KernelEntry]]) -> None:

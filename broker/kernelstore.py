@@ -181,7 +181,10 @@ class KernelStore:
         async with self._store._write() as session:
             row = await session.get(_KernelReportRow, key, with_for_update=True)
             if row is not None and row.role == TUNED:
-                return False
+                known = (row.entry or {}).get("tuned_at_s", 0.0)
+                if entry.tuned_at_s <= known:
+                    return False  # the same report, sent again
+                # Tuned again later: what the host runs now, so it is newer.
             if row is None:
                 row = _KernelReportRow(
                     slot_key=key[0], config_hash=key[1], host_id=host_id
@@ -218,10 +221,12 @@ class KernelStore:
         role = VERIFIED if accepted else REFUSED
         async with self._store._write() as session:
             row = await session.get(_KernelReportRow, key, with_for_update=True)
-            if row is not None and (
-                row.role == TUNED
-                or (row.role == role and row.tuned_by == tuned.host_id)
-            ):
+            if row is not None and row.role == TUNED:
+                return False
+            if row is not None and row.role == role and row.tuned_by == tuned.host_id:
+                # The same verdict again (the host verified it once more, e.g.
+                # after tuning something else): only its time moves.
+                row.entry_ms, row.default_ms, row.at_s = entry_ms, default_ms, at_s
                 return False
             if row is None:
                 row = _KernelReportRow(

@@ -488,3 +488,72 @@ async def test_catalog_flood_of_bad_entries_is_answered_and_bounded(
     assert len(await events_of(broker, "kernel.refused")) == 20
     text = await _metrics(broker)
     assert 'gpufleet_kernel_refusals_total{cause="wrong-fingerprint"} 1000.0' in text
+
+
+async def _done(agent: RawAgent, command: pb.BrokerMessage) -> None:
+    command_id = command.command.command_id
+    await agent.send(pb.AgentMessage(command_ack=pb.CommandAck(command_id=command_id)))
+    await agent.send(
+        pb.AgentMessage(
+            command_result=pb.CommandResult(
+                command_id=command_id, status=pb.COMMAND_STATUS_DONE
+            )
+        )
+    )
+
+
+async def test_catalog_sends_again_what_a_host_could_not_verify(
+    db_url: str, brokers: Factory
+) -> None:
+    """A verifier that crashed is no verdict: the host gets the entry again."""
+    broker = await brokers(database_url=db_url)
+    async with RawAgent(broker.addr, "a1", [A10G]) as a1:
+        await a1.report([make_entry()])
+        async with RawAgent(broker.addr, "a2", [A10G]) as a2:
+            install = await a2.take("install_kernels")
+            [entry] = install.command.install_kernels.entries
+            await _done(a2, install)
+            failed = verdict_on(
+                entry, accepted=False, reason="verify-failed: the verifier hung"
+            )
+            await a2.report(verdicts=[failed])
+            assert await a2.pending("install_kernels") == []
+        async with RawAgent(broker.addr, "a2", [A10G]) as a2:
+            [again] = await a2.installed()
+            assert again.slot_key == entry.slot_key
+        listed = await _admin(broker, "ListKernels", pb.ListKernelsRequest())
+        assert list(listed.flagged_hosts) == []
+
+
+async def test_catalog_sends_the_choice_to_a_host_that_tuned_another_winner(
+    db_url: str, brokers: Factory
+) -> None:
+    """After a host re-tunes a slot its own way, the fleet's choice comes back."""
+    broker = await brokers(database_url=db_url)
+    async with (
+        RawAgent(broker.addr, "a1", [A10G]) as a1,
+        RawAgent(broker.addr, "a2", [A10G]) as a2,
+        RawAgent(broker.addr, "a3", [A10G]) as a3,
+    ):
+        await a1.report([make_entry(MATMUL[1], winner_ms=1.0)])
+        for agent in (a2, a3):
+            install = await agent.take("install_kernels")
+            [entry] = install.command.install_kernels.entries
+            await _done(agent, install)
+            await agent.report(verdicts=[verdict_on(entry, accepted=True)])
+        view = await _admin(
+            broker, "GetKernel", pb.KernelRequest(slot_key=entry.slot_key)
+        )
+        assert view.chosen.agreeing_hosts == 3
+
+        # a2 tunes the slot again and finds another config; a2 now runs that.
+        await a2.report([make_entry(MATMUL[2], winner_ms=2.0)])
+        [back] = await a2.installed()
+        assert dict(back.config) == dict(entry.config)
+        view = await _admin(
+            broker, "GetKernel", pb.KernelRequest(slot_key=entry.slot_key)
+        )
+        assert view.state == "disputed"
+        assert dict(view.chosen.config) == dict(entry.config)
+        assert view.chosen.agreeing_hosts == 2  # a1 and a3; a2 runs its own now
+        assert await a1.pending("install_kernels") == []

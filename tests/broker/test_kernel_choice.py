@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gpufleet.broker.kernel_choice import choose
@@ -172,3 +174,32 @@ def test_choose_pin_beats_agreement_even_from_a_flagged_host() -> None:
 
 def test_choose_without_reports_or_pin_is_none() -> None:
     assert choose(SLOT, [], None, set()) is None
+
+
+def test_a_host_agrees_with_what_it_reported_last() -> None:
+    """b verified X, then tuned Y: b runs Y now and no longer counts for X."""
+    later = tuned("b", Y, 2.0, at_s=5.0)
+    choice = choose(
+        SLOT,
+        [tuned("a", X, 1.0), tuned("c", Y, 3.0), verdict("b", X, "a", ms=1.0), later],
+        None,
+        set(),
+    )
+    assert choice is not None
+    assert choice.entry is not None
+    assert choice.entry.config == Y
+    assert choice.entry.agreeing_hosts == 2
+    assert choice.state == "disputed"
+
+
+def test_only_a_real_refusal_settles_a_host() -> None:
+    from gpufleet.broker.kernel_choice import settled
+
+    chosen = make_entry(X).config_hash
+    refused = verdict("b", X, "a", ok=False)
+    crashed = dataclasses.replace(refused, reason="verify-failed: the verifier hung")
+    assert settled(chosen, refused)
+    assert not settled(chosen, crashed)
+    assert settled(chosen, verdict("b", X, "a"))
+    assert not settled(chosen, tuned("b", Y, 1.0))
+    assert not settled(chosen, None)
