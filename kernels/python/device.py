@@ -46,7 +46,8 @@ def local_fingerprint(
     cache's ``host.json``; else one computed from ``torch.cuda`` for
     ``device`` (the current device by default), replaced by the agent's
     record of the same GPU when ``host.json`` has one; else, under the
-    interpreter or without a GPU, a ``cpu`` fingerprint.
+    interpreter or without a GPU, the agent's replayed GPU when the host
+    replays traces, or a ``cpu`` fingerprint.
     """
     # Called on every kernel call: the memo key is built from the environment
     # alone, and the cache object only made when the memo misses.
@@ -80,7 +81,7 @@ def _find_fingerprint(
             hint="the agent writes host.json; computing the fingerprint instead",
         )
     if device is None:
-        return cpu_fingerprint()
+        return _replay_fingerprint(cache) or cpu_fingerprint()
     computed = cuda_fingerprint(device)
     host = cache.read_host()
     if host is not None:
@@ -98,6 +99,26 @@ def _find_fingerprint(
             ):
                 return recorded
     return computed
+
+
+def _replay_fingerprint(cache: KernelCache) -> HardwareFingerprint | None:
+    """The agent's fingerprint on a host whose GPUs are replayed traces.
+
+    Such a host is a rehearsal of a fleet on CPUs: its jobs run kernels in
+    the interpreter and share them under the replayed GPU's fingerprint.
+    A host with real GPUs never does: what the interpreter measures says
+    nothing about them.
+    """
+    host = cache.read_host()
+    if host is None:
+        return None
+    fingerprints, default_key = host
+    if not fingerprints or any(fp.vendor != "replay" for fp in fingerprints.values()):
+        return None
+    for fingerprint in fingerprints.values():
+        if fingerprint.key == default_key:
+            return fingerprint
+    return next(iter(fingerprints.values()))
 
 
 def cpu_fingerprint() -> HardwareFingerprint:

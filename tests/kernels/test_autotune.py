@@ -343,3 +343,23 @@ def test_matmul_tunes_over_the_candidate_list_of_its_vendor(
     [stored] = KernelCache(cache_dir).entries(fingerprint.key)
     assert stored.entry.fingerprint == fingerprint
     assert stored.entry.config in calls
+
+
+def test_interpreter_on_a_replay_host_uses_the_agents_fingerprint(
+    tmp_path: Path,
+) -> None:
+    """A rehearsal fleet shares under the replayed GPU; a real GPU host never
+    takes interpreter timings for its GPU's."""
+    from gpufleet.kernels.autotune import cpu_fingerprint, local_fingerprint
+    from gpufleet.kernels.cache import KernelCache
+    from gpufleet.kernels.fingerprint import HardwareFingerprint
+
+    replay = HardwareFingerprint("replay", "NVIDIA A10G (replay)", "", 24, "")
+    cache = KernelCache(tmp_path / "replay")
+    cache.write_host({"GPU-r": replay}, replay.key)
+    assert local_fingerprint(cache) == replay
+
+    real = HardwareFingerprint("nvidia", "NVIDIA A10G", "8.6", 24, "550")
+    cache = KernelCache(tmp_path / "real")
+    cache.write_host({"GPU-n": real}, real.key)
+    assert local_fingerprint(cache) == cpu_fingerprint()
