@@ -82,6 +82,9 @@ class AdminServicer(JobsMixin, KernelsMixin, rpc.AdminServiceServicer):
                 gpu_count=len(h.gpus),
                 dropped_samples_total=h.dropped_samples_total,
                 policy_group=self._group_of(h),
+                kernel_fingerprints=[
+                    fp.to_proto() for _, fp in sorted(h.kernel_fingerprints.items())
+                ],
             )
             for h in self.core.fleet.hosts.values()
         ]

@@ -488,6 +488,7 @@ class JobManager:
                     labels=h.labels,
                     free_gpus=free,
                     gpu_infos={u: g.info for u, g in h.gpus.items()},
+                    kernel_fingerprints=tuple(h.kernel_fingerprints.values()),
                 )
             )
         return out

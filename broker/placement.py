@@ -10,7 +10,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from gpufleet.kernels.fingerprint import fingerprint_of
+from gpufleet.kernels.fingerprint import HardwareFingerprint, fingerprint_of
 from gpufleet.proto import pb
 
 
@@ -25,6 +25,34 @@ class Candidate:
     labels: Mapping[str, str]
     free_gpus: tuple[str, ...]  # uuids, in index order
     gpu_infos: Mapping[str, pb.GpuInfo]
+    # The host's GPU kinds as its agent announced them (with the Triton
+    # version): the keys users see in `gpufleet hosts` and `kernels list`.
+    kernel_fingerprints: tuple[HardwareFingerprint, ...] = ()
+
+
+def gpu_keys(
+    info: pb.GpuInfo, announced: Iterable[HardwareFingerprint] = ()
+) -> set[str]:
+    """Every fingerprint key that names this GPU's kind."""
+    base = fingerprint_of(info)
+    same = (
+        base.vendor,
+        base.product,
+        base.compute_capability,
+        base.mem_total_gib,
+        base.driver_major,
+    )
+    keys = {base.key}
+    for fp in announced:
+        if (
+            fp.vendor,
+            fp.product,
+            fp.compute_capability,
+            fp.mem_total_gib,
+            fp.driver_major,
+        ) == same:
+            keys.add(fp.key)
+    return keys
 
 
 def hardware_key(infos: Iterable[pb.GpuInfo]) -> str:
@@ -44,8 +72,10 @@ def fits(job: pb.JobSpec, host: Candidate) -> bool:
             return False
     if job.hardware:
         chosen = host.free_gpus[: max(job.gpus, 1)]
-        keys = {fingerprint_of(host.gpu_infos[u]).key for u in chosen}
-        if keys != {job.hardware}:
+        if not chosen or not all(
+            job.hardware in gpu_keys(host.gpu_infos[u], host.kernel_fingerprints)
+            for u in chosen
+        ):
             return False
     return True
 

@@ -55,6 +55,8 @@ def hosts(opts: ClientOptions) -> None:
                 kind,
                 str(h.gpu_count),
                 h.policy_group or "-",
+                ", ".join(f"{fp.key} {fp.product}" for fp in h.kernel_fingerprints)
+                or "-",
                 when(h.last_seen_s),
                 h.agent_version,
             ]
@@ -68,6 +70,7 @@ def hosts(opts: ClientOptions) -> None:
             "INSTANCE",
             "GPUS",
             "POLICY",
+            "HARDWARE",
             "LAST SEEN (UTC)",
             "AGENT",
         ],

@@ -40,7 +40,11 @@ def jobs() -> None:
 
 @jobs.command("submit", context_settings={"ignore_unknown_options": True})
 @click.option("--gpus", type=click.IntRange(0, 64), default=1, show_default=True)
-@click.option("--hardware", default="", help="Hardware fingerprint key to require.")
+@click.option(
+    "--hardware",
+    default="",
+    help="Hardware fingerprint key to require (the HARDWARE column of `gpufleet hosts`).",
+)
 @click.option(
     "--label", "labels", multiple=True, help="KEY=VALUE host label to require."
 )

@@ -78,3 +78,19 @@ def test_placement_labels_and_hardware_must_match() -> None:
     assert fits(pb.JobSpec(gpus=1, labels={"team": "vis*"}, hardware=key), host)
     assert not fits(pb.JobSpec(gpus=1, labels={"team": "nlp"}), host)
     assert not fits(pb.JobSpec(gpus=1, hardware="0123456789abcdef"), host)
+
+
+def test_hardware_accepts_the_key_the_agent_announced() -> None:
+    """`gpufleet hosts` shows the agent's key (with Triton's version): it fits."""
+    import dataclasses
+
+    from gpufleet.kernels.fingerprint import fingerprint_of
+
+    host = _host("a")
+    base = fingerprint_of(next(iter(host.gpu_infos.values())))
+    announced = dataclasses.replace(base, triton="3.9.0")
+    host = dataclasses.replace(host, kernel_fingerprints=(announced,))
+    assert fits(pb.JobSpec(gpus=1, hardware=announced.key), host)
+    assert fits(pb.JobSpec(gpus=1, hardware=base.key), host)
+    other = dataclasses.replace(announced, product="NVIDIA L4")
+    assert not fits(pb.JobSpec(gpus=1, hardware=other.key), host)

@@ -482,7 +482,7 @@ class ListHostsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HostView(_message.Message):
-    __slots__ = ("identity", "status", "last_seen_s", "agent_version", "labels", "gpu_count", "dropped_samples_total", "policy_group")
+    __slots__ = ("identity", "status", "last_seen_s", "agent_version", "labels", "gpu_count", "dropped_samples_total", "policy_group", "kernel_fingerprints")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -498,6 +498,7 @@ class HostView(_message.Message):
     GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     DROPPED_SAMPLES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     POLICY_GROUP_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
     identity: HostIdentity
     status: str
     last_seen_s: float
@@ -506,7 +507,8 @@ class HostView(_message.Message):
     gpu_count: int
     dropped_samples_total: int
     policy_group: str
-    def __init__(self, identity: _Optional[_Union[HostIdentity, _Mapping]] = ..., status: _Optional[str] = ..., last_seen_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., dropped_samples_total: _Optional[int] = ..., policy_group: _Optional[str] = ...) -> None: ...
+    kernel_fingerprints: _containers.RepeatedCompositeFieldContainer[KernelFingerprint]
+    def __init__(self, identity: _Optional[_Union[HostIdentity, _Mapping]] = ..., status: _Optional[str] = ..., last_seen_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_count: _Optional[int] = ..., dropped_samples_total: _Optional[int] = ..., policy_group: _Optional[str] = ..., kernel_fingerprints: _Optional[_Iterable[_Union[KernelFingerprint, _Mapping]]] = ...) -> None: ...
 
 class ListHostsResponse(_message.Message):
     __slots__ = ("hosts",)
