@@ -43,7 +43,7 @@ def jobs() -> None:
 @click.option(
     "--hardware",
     default="",
-    help="Hardware fingerprint key to require (the HARDWARE column of `gpufleet hosts`).",
+    help="Hardware fingerprint key to require (see `gpufleet hosts`).",
 )
 @click.option(
     "--label", "labels", multiple=True, help="KEY=VALUE host label to require."

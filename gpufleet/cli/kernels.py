@@ -385,7 +385,8 @@ def _show_view(view: pb.KernelSlotView, *, with_reports: bool) -> None:
     chosen = _config_text(c.config) if c.config else "none"
     click.echo(
         f"  state {view.state}: config {chosen}, tuned by {c.tuned_by or '-'}, "
-        f"{c.agreeing_hosts} agreeing hosts, pushed to {view.hosts_pushed}"
+        f"{c.agreeing_hosts} agreeing host{'' if c.agreeing_hosts == 1 else 's'}, "
+        f"pushed to {view.hosts_pushed}"
     )
     if with_reports:
         print_table(

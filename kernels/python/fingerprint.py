@@ -43,7 +43,8 @@ class HardwareFingerprint:
     @property
     def label(self) -> str:
         """A short human name, e.g. ``NVIDIA A10G (8.6, 24 GiB)``."""
-        return f"{self.product} ({self.compute_capability}, {self.mem_total_gib} GiB)"
+        details = [self.compute_capability, f"{self.mem_total_gib} GiB"]
+        return f"{self.product} ({', '.join(d for d in details if d)})"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "key": self.key}

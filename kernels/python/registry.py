@@ -51,8 +51,15 @@ class UnknownKernelError(KeyError):
     def __init__(self, name: str, known: Sequence[str]) -> None:
         self.name = name
         self.known = list(known)
+        fixed = {"softmax", "rms_norm", "layer_norm"}
+        why = (
+            f"{name!r} is not autotuned: it picks its block size from the row "
+            "length, so there is nothing to tune or share"
+            if name in fixed
+            else f"no kernel named {name!r} is registered"
+        )
         super().__init__(
-            f"no kernel named {name!r} is registered (known: {', '.join(known)}); "
+            f"{why} (autotuned kernels: {', '.join(known)}); "
             f"user kernels come from the modules listed in {ENV_MODULES}"
         )
 

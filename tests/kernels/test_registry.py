@@ -89,8 +89,10 @@ def test_matmul_shared_memory_estimate_of_the_deep_pipeline_config() -> None:
 
 
 def test_unknown_kernel_names_the_known_ones() -> None:
-    with pytest.raises(registry.UnknownKernelError, match="known: add, add_"):
+    with pytest.raises(registry.UnknownKernelError, match="kernels: add, add_"):
         registry.get("conv9d")
+    with pytest.raises(registry.UnknownKernelError, match="'softmax' is not autotuned"):
+        registry.get("softmax")
 
 
 def test_user_modules_register_through_the_environment(
