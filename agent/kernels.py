@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -51,7 +52,20 @@ RESEND_AFTER_S = 60.0
 # The verifier prints one short line; a runaway one must not grow the agent.
 MAX_VERIFIER_OUTPUT_BYTES = 64 * 1024
 KILL_WAIT_S = 5.0
+# Once the verifier exited, what is still in its pipes is read for at most
+# this long: a child it left behind may hold them open.
+DRAIN_S = 2.0
 MAX_REASON_CHARS = 1000
+# A verifier time above this (about three hours) is garbage, not a timing.
+MAX_VERIFY_MS = 1e7
+# Report ids are uint64 on the wire and int64 in the broker's store.
+MAX_REPORT_ID = 1 << 62
+# Entries the verifier could not check (too large, crashed, timed out) cost
+# it a run each without blaming anyone: after this many in a row from one
+# sender, that sender's entries are set aside for SENDER_PAUSE_S, so that a
+# flood of them cannot hold the one-at-a-time queue.
+VERIFY_FAILURES_BEFORE_PAUSE = 20
+SENDER_PAUSE_S = 3600.0
 # Distributions that install the ``triton`` module: upstream, and the builds
 # that PyTorch ships for ROCm and for its nightlies.
 TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton-rocm", "pytorch-triton")
@@ -106,6 +120,21 @@ def _failed(detail: str) -> VerifyOutcome:
     return VerifyOutcome(False, f"verify-failed: {detail}", blame_sender=False)
 
 
+def cause_of(reason: str) -> str:
+    """The kebab-case cause of a ``"cause: detail"`` reason."""
+    return reason.split(":", 1)[0].strip()
+
+
+def _is_time(value: object) -> bool:
+    """A verifier timing in ms: a finite number in 0..MAX_VERIFY_MS, not -0.0."""
+    if type(value) is int:
+        return 0 <= value <= MAX_VERIFY_MS
+    if type(value) is not float:
+        return False
+    positive = math.copysign(1.0, value) > 0  # -0.0 is no time either
+    return math.isfinite(value) and positive and value <= MAX_VERIFY_MS
+
+
 def parse_verifier_output(
     stdout: bytes, returncode: int, stderr: bytes
 ) -> VerifyOutcome:
@@ -126,16 +155,18 @@ def parse_verifier_output(
         return _failed("the verifier's verdict has no usable reason")
     timings = []
     for name in ("entry_ms", "default_ms"):
-        value = data.get(name) or 0.0
-        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
-            return _failed(f"the verifier's {name}={value!r} is not a time")
+        value = data.get(name)
+        if value is None:
+            value = 0.0  # not measured: the verdict came before the time check
+        if not _is_time(value):
+            return _failed(f"the verifier's {name}={str(value)[:40]} is not a time")
         timings.append(float(value))
     return VerifyOutcome(
         accepted=data["accepted"],
         reason=reason[:MAX_REASON_CHARS],
         entry_ms=timings[0],
         default_ms=timings[1],
-        blame_sender=not reason.startswith("verify-failed"),
+        blame_sender=cause_of(reason) != "verify-failed",
     )
 
 
@@ -153,15 +184,29 @@ def _read_json_object(path: Path) -> dict[str, Any]:
         return {}
 
 
-async def _read_capped(stream: asyncio.StreamReader | None) -> bytes:
-    """Reads a stream to its end, keeping only the last bytes."""
-    kept = b""
-    while stream is not None:
-        chunk = await stream.read(65536)
-        if not chunk:
-            break
-        kept = (kept + chunk)[-MAX_VERIFIER_OUTPUT_BYTES:]
-    return kept
+class _VerifierProtocol(asyncio.SubprocessProtocol):
+    """Collects the verifier's output and tells when it exited.
+
+    Its exit is watched apart from its pipes: ``Process.wait()`` would also
+    wait for them to close, which a child left behind can put off for ever.
+    """
+
+    def __init__(self) -> None:
+        self.output = {1: bytearray(), 2: bytearray()}
+        self.exited = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        kept = self.output.get(fd)
+        if kept is not None:
+            kept += data
+            del kept[:-MAX_VERIFIER_OUTPUT_BYTES]
+
+    def process_exited(self) -> None:
+        self.exited.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()  # exited, and every pipe closed
 
 
 def _entry_file(entry: KernelEntry) -> Path:
@@ -172,9 +217,9 @@ def _entry_file(entry: KernelEntry) -> Path:
     return Path(name)
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
+def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
 
 
 class KernelShare:
@@ -215,6 +260,10 @@ class KernelShare:
         self._wake = asyncio.Event()
         self._dirty = False
         self._scan_failures = 0
+        self._host_file_failing = False
+        # Per sender: verify-failed outcomes in a row, and when a pause ends.
+        self._failure_streaks: dict[str, int] = {}
+        self._paused_until: dict[str, float] = {}
 
     # Setup -------------------------------------------------------------------
 
@@ -249,8 +298,17 @@ class KernelShare:
         """Runs in a worker thread before any loop starts; returns the entries
         that still wait for verification."""
         state = _read_json_object(self.cache.root / STATE_FILE)
+        next_id = state.get("next_report_id", 1)
+        if type(next_id) is int and 1 <= next_id <= MAX_REPORT_ID:
+            self._next_report_id = next_id
+        else:
+            log.warning(
+                "kernels.state_report_id_invalid",
+                value=repr(next_id)[:40],
+                path=str(self.cache.root / STATE_FILE),
+                hint="report ids start again at 1",
+            )
         with contextlib.suppress(TypeError, ValueError, AttributeError):
-            self._next_report_id = max(1, int(state.get("next_report_id", 1)))
             for pair, how in dict(state.get("acked", {})).items():
                 slot, _, chash = str(pair).partition("/")
                 self._acked[(slot, chash)] = str(how)
@@ -261,7 +319,7 @@ class KernelShare:
         flags = _read_json_object(self.cache.root / FLAGS_FILE)
         self._flags = {str(k): v for k, v in flags.items() if isinstance(v, dict)}
         for refusal in self.cache.refused():
-            if not refusal.reason.startswith("verify-failed"):
+            if cause_of(refusal.reason) != "verify-failed":
                 slot, _, chash = refusal.path.stem.rpartition("-")
                 self._refused_pairs.add((slot, chash))
         keys = self.keys
@@ -355,7 +413,12 @@ class KernelShare:
         return found
 
     async def scan_once(self) -> pb.KernelReport | None:
-        """Reports new local entries and pending verdicts; returns the report."""
+        """Reports new local entries and pending verdicts; returns the report.
+
+        Also writes host.json again when it is missing or unreadable: without
+        it, jobs cannot find the fingerprint the agent gave them.
+        """
+        await self._keep_host_file()
         settled = set(self._acked) | self._in_flight()
         entries = await asyncio.to_thread(self._unpublished, self.keys, settled)
         now = self._clock()
@@ -387,6 +450,32 @@ class KernelShare:
                 write_json_atomic, self.cache.root / STATE_FILE, self._state()
             )
         return report
+
+    async def _keep_host_file(self) -> None:
+        if await asyncio.to_thread(self.cache.read_host) is not None:
+            self._host_file_failing = False
+            return
+        try:
+            await asyncio.to_thread(
+                self.cache.write_host, self.fingerprints, self.default_key
+            )
+        except OSError as exc:
+            if not self._host_file_failing:
+                self._host_file_failing = True
+                log.error(
+                    "kernels.host_file_unwritable",
+                    path=str(self.cache.root / "host.json"),
+                    error=str(exc),
+                    hint="make kernels.cache_dir writable by the agent",
+                )
+            return
+        self._host_file_failing = False
+        log.warning(
+            "kernels.host_file_rewritten",
+            path=str(self.cache.root / "host.json"),
+            hint="it was missing or unreadable; jobs started meanwhile may have "
+            "tuned under a computed fingerprint",
+        )
 
     def _state(self) -> dict[str, Any]:
         unsettled = [v for r, _ in self._pending.values() for v in r.verdicts]
@@ -446,9 +535,15 @@ class KernelShare:
                 f"{slot}: wrong-fingerprint: {entry.fingerprint.key} "
                 f"({entry.fingerprint.label}) is not a GPU kind of this host"
             )
-        if entry.tuned_by in self._flags:
+        # An admin's pin is verified even from a sender flagged here; a
+        # refusal still refuses it.
+        if entry.tuned_by in self._flags and not entry.pinned:
             self._add_verdict(entry, self._sender_flagged(entry))
             return f"{slot}: sender-flagged: {entry.tuned_by}"
+        if self._paused(entry):
+            return (
+                f"{slot}: sender-paused: {entry.tuned_by} after repeated verify-failed"
+            )
         pair = (entry.slot_key, entry.config_hash)
         if pair in self._queued:
             return f"{slot}: already waiting for verification"
@@ -542,10 +637,15 @@ class KernelShare:
         if generation != self._evictions.get(entry.slot_key, 0):
             await asyncio.to_thread(self.cache.drop_incoming, entry)
             return
-        if entry.tuned_by in self._flags:
+        if entry.tuned_by in self._flags and not entry.pinned:
             # The sender was flagged while this entry waited.
             await asyncio.to_thread(self.cache.drop_incoming, entry)
             self._add_verdict(entry, self._sender_flagged(entry))
+            return
+        if self._paused(entry):
+            # Dropped without a verdict; the broker pushes it again later.
+            await asyncio.to_thread(self.cache.drop_incoming, entry)
+            self.counters.skipped += 1
             return
         if await self._holds(entry):
             await asyncio.to_thread(self.cache.drop_incoming, entry)
@@ -577,12 +677,14 @@ class KernelShare:
         # ROCm settings, GPUFLEET_KERNEL_MODULES for user kernels).
         env = dict(os.environ)
         env.update({ENV_CACHE: str(self.cache.root), ENV_FINGERPRINT: fingerprint_key})
+        loop = asyncio.get_running_loop()
         try:
-            proc = await asyncio.create_subprocess_exec(
+            transport, verifier = await loop.subprocess_exec(
+                _VerifierProtocol,
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=env,
                 start_new_session=True,
             )
@@ -593,22 +695,29 @@ class KernelShare:
             )
         try:
             async with asyncio.timeout(self.cfg.verify_timeout_s):
-                out, err = await asyncio.gather(
-                    _read_capped(proc.stdout), _read_capped(proc.stderr)
-                )
-                returncode = await proc.wait()
+                await verifier.exited.wait()
         except TimeoutError:
             return _failed(
                 f"the verifier ran longer than kernels.verify_timeout_s="
                 f"{self.cfg.verify_timeout_s:g} s and was killed"
             )
         finally:
-            if proc.returncode is None:
-                _kill_group(proc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(KILL_WAIT_S):
-                        await proc.wait()
-        return parse_verifier_output(out, returncode, err)
+            # Its process group goes, children included, whether it exited or
+            # hangs; then what is left in the pipes is read, briefly.
+            _kill_group(transport.get_pid())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_S):
+                    await verifier.closed.wait()
+            transport.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KILL_WAIT_S):
+                    await verifier.exited.wait()
+        returncode = transport.get_returncode()
+        if returncode is None:  # exited, so only if the kill raced its reaping
+            return _failed("the verifier's exit code is unknown")
+        return parse_verifier_output(
+            bytes(verifier.output[1]), returncode, bytes(verifier.output[2])
+        )
 
     async def _apply(self, entry: KernelEntry, outcome: VerifyOutcome) -> None:
         fields = {
@@ -640,7 +749,41 @@ class KernelShare:
             else:
                 self.counters.verify_failed += 1
                 log.error("kernel.verify_failed", reason=outcome.reason, **fields)
+        self._count_failure(entry.tuned_by, failed=not outcome.blame_sender)
         self._add_verdict(entry, outcome)
+
+    def _count_failure(self, sender: str, *, failed: bool) -> None:
+        """Counts verify-failed outcomes in a row; pauses a sender past the limit."""
+        if not failed:
+            self._failure_streaks.pop(sender, None)
+            return
+        streak = self._failure_streaks.get(sender, 0) + 1
+        if streak < VERIFY_FAILURES_BEFORE_PAUSE:
+            self._failure_streaks[sender] = streak
+            return
+        self._failure_streaks.pop(sender, None)
+        until = self._clock() + SENDER_PAUSE_S
+        self._paused_until[sender] = until
+        log.warning(
+            "kernels.sender_paused",
+            peer=sender,
+            verify_failed_in_a_row=streak,
+            pause_s=SENDER_PAUSE_S,
+            until_s=round(until, 3),
+            hint="its entries are set aside until then; check the verifier's "
+            "errors (kernel.verify_failed) and kernels.verify_timeout_s",
+        )
+
+    def _paused(self, entry: KernelEntry) -> bool:
+        """Whether the entry's sender is paused; an admin's pin never is."""
+        until = self._paused_until.get(entry.tuned_by)
+        if until is None or entry.pinned:
+            return False
+        if self._clock() >= until:
+            del self._paused_until[entry.tuned_by]
+            log.info("kernels.sender_resumed", peer=entry.tuned_by)
+            return False
+        return True
 
     def _add_verdict(self, entry: KernelEntry, outcome: VerifyOutcome) -> None:
         self._verdicts.append(

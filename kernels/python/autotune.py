@@ -67,6 +67,18 @@ LAUNCH_OPTIONS = frozenset(
 # only rank configs coarsely; three runs and the median are enough for that.
 INTERPRETER_BENCH_RUNS = 3
 _REASON_CHARS = 300
+# Triton 3.9's interpreter returns NaN for a bf16 add and errors of 1e10 for a
+# bf16 matmul: a tune there would store, and share, a wrong winner.
+INTERPRETER_BF16 = (
+    "Triton's interpreter cannot compute bfloat16 correctly; use float16/float32 "
+    "or run on a GPU"
+)
+# What Triton says when a kernel is launched with no GPU and no interpreter.
+_NO_DRIVER = "active drivers"
+NO_DRIVER_HINT = (
+    "no GPU driver is active; on a CPU set TRITON_INTERPRET=1 before importing "
+    "gpufleet.kernels"
+)
 
 Config = dict[str, int]
 Grid = tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]]
@@ -79,12 +91,27 @@ class KernelTuningError(RuntimeError):
         self.kernel = kernel
         self.tuning_key = tuning_key
         self.skipped = skipped
+        if skipped and all(_NO_DRIVER in s.reason for s in skipped):
+            # Not the arguments' fault: nothing can run any config here.
+            super().__init__(
+                f"cannot run kernel {kernel!r} for {tuning_key}: {NO_DRIVER_HINT} "
+                f"(Triton: {skipped[0].reason})"
+            )
+            return
         reasons = "; ".join(f"{s.config}: {s.reason}" for s in skipped[:4])
         super().__init__(
             f"cannot run kernel {kernel!r} for {tuning_key}: every one of its "
             f"{len(skipped)} candidate configs failed ({reasons}). Check the "
             "arguments' shapes, dtypes and devices."
         )
+
+
+class NoGpuDriverError(RuntimeError):
+    """Triton found no GPU driver and the interpreter is off."""
+
+    def __init__(self, kernel: str, detail: str) -> None:
+        self.kernel = kernel
+        super().__init__(f"cannot run kernel {kernel!r}: {NO_DRIVER_HINT} ({detail})")
 
 
 @dataclass(frozen=True)
@@ -253,7 +280,13 @@ class TunedKernel:
         name: the kernel's name in caches, entries and candidate lists.
         key: names of the arguments whose values decide the best config.
         restore: names of the arguments the kernel writes and also reads;
-            benchmarks run on clones of them.
+            benchmarks run on clones of them. Any other tensor argument whose
+            memory overlaps a restored one (``add_(x, x)``) is cloned for the
+            benchmarks too, so they never write or read the caller's tensors
+            there; the real launch then runs on the caller's tensors as
+            given, aliasing included. Such calls therefore behave the same
+            whether the slot is tuned or not. Tensors without elements, and
+            views of one buffer whose bytes do not overlap, are independent.
         cache: the kernel cache; None uses ``GPUFLEET_KERNEL_CACHE`` (read at
             each lookup), else ``~/.cache/gpufleet/kernels``.
         fingerprint: the hardware fingerprint; None uses
@@ -448,6 +481,8 @@ class TunedKernel:
             self.stats.memory_hits += 1
             self._launch(config, grid, args, kwargs, bound)
             return
+        # Checked before the memo is filled, so the hot path never needs to.
+        self._check_dtypes(bound.values())
         tuning_key = self._tuning_key(bound)
         slot = self.slot_key(tuning_key, fingerprint)
         with self._lock:
@@ -481,9 +516,23 @@ class TunedKernel:
             self.launch(config, grid, *args, **kwargs)
 
     def launch(self, config: Config, grid: Grid, *args: Any, **kwargs: Any) -> None:
-        """Runs the kernel once with an explicit config, without tuning."""
+        """Runs the kernel once with an explicit config, without tuning.
+
+        Raises:
+            TypeError: a bfloat16 tensor under Triton's interpreter, or
+                config names the kernel does not take.
+            NoGpuDriverError: no GPU driver and no interpreter.
+        """
+        self._check_dtypes([*args, *kwargs.values()])
         bound = self.bind(args, kwargs) if callable(grid) else None
         self._launch(config, grid, args, kwargs, bound)
+
+    def _check_dtypes(self, values: Iterable[Any]) -> None:
+        bf16 = any(
+            isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 for v in values
+        )
+        if bf16 and interpreting():
+            raise TypeError(f"kernel {self.name!r}: {INTERPRETER_BF16}")
 
     def _launch(
         self,
@@ -513,7 +562,12 @@ class TunedKernel:
             meta = {**(bound if bound is not None else self.bind(args, kwargs))}
             meta.update(config)
             grid = tuple(grid(meta))
-        self.fn[grid](*args, **kwargs, **config)
+        try:
+            self.fn[grid](*args, **kwargs, **config)
+        except RuntimeError as exc:
+            if _NO_DRIVER in str(exc) and not isinstance(exc, NoGpuDriverError):
+                raise NoGpuDriverError(self.name, _reason(exc)) from exc
+            raise
 
     # ------------------------------------------------------------ lookup
 
@@ -704,25 +758,24 @@ class TunedKernel:
         return ms
 
     def _clone_restored(self, bound: dict[str, Any]) -> dict[str, Any]:
+        """The arguments of one benchmark: restored tensors, and every tensor
+        whose bytes overlap one of them, replaced by clones."""
         args = dict(bound)
-        for name in self.restore:
-            original = bound[name]
-            if not isinstance(original, torch.Tensor):
+        spans = {
+            name: _byte_span(value)
+            for name, value in bound.items()
+            if isinstance(value, torch.Tensor)
+        }
+        restored = [name for name in self.restore if name in spans]
+        for name, value in bound.items():
+            if name not in spans:
                 continue
-            for other, value in bound.items():
-                if (
-                    other != name
-                    and isinstance(value, torch.Tensor)
-                    and value.untyped_storage().data_ptr()
-                    == original.untyped_storage().data_ptr()
-                    and other not in self.restore
-                ):
-                    raise ValueError(
-                        f"kernel {self.name!r}: argument {other!r} shares memory "
-                        f"with restored argument {name!r}, so benchmarks would "
-                        f"write it; add {other!r} to restore= or pass a copy"
-                    )
-            args[name] = original.clone()
+            if name in self.restore or any(
+                _overlap(spans[name], spans[other])
+                for other in restored
+                if other != name
+            ):
+                args[name] = value.clone()
         return args
 
     def _store(self, entry: KernelEntry) -> None:
@@ -737,6 +790,27 @@ class TunedKernel:
                 error=_reason(exc),
                 hint="the winner is kept in memory; check GPUFLEET_KERNEL_CACHE",
             )
+
+
+_Span = tuple[torch.device, int, int] | None
+
+
+def _byte_span(tensor: torch.Tensor) -> _Span:
+    """The bytes a tensor's elements occupy: (device, first, past the last)."""
+    if tensor.numel() == 0:
+        return None
+    last = sum(
+        (size - 1) * stride
+        for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    start = tensor.data_ptr()
+    return tensor.device, start, start + (last + 1) * tensor.element_size()
+
+
+def _overlap(a: _Span, b: _Span) -> bool:
+    return (
+        a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+    )
 
 
 def tuned(

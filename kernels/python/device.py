@@ -48,6 +48,11 @@ def local_fingerprint(
     record of the same GPU when ``host.json`` has one; else, under the
     interpreter or without a GPU, the agent's replayed GPU when the host
     replays traces, or a ``cpu`` fingerprint.
+
+    Under the interpreter or without a GPU, a named fingerprint of a real
+    GPU is ignored with a warning and the ``cpu`` fingerprint is used:
+    interpreter timings must never be filed, and then published, as that
+    GPU's. Only a replayed GPU (vendor ``replay``) is kept there.
     """
     # Called on every kernel call: the memo key is built from the environment
     # alone, and the cache object only made when the memo misses.
@@ -72,8 +77,19 @@ def _find_fingerprint(
 ) -> HardwareFingerprint:
     if wanted:
         found = cache.fingerprint(wanted)
-        if found is not None:
+        if found is not None and (device is not None or found.vendor == "replay"):
             return found
+        if found is not None:
+            # The interpreter's timings say nothing about a real GPU: entries
+            # filed under its fingerprint would be published to its peers.
+            log.warning(
+                "kernels.fingerprint_not_interpreted",
+                fingerprint_key=wanted,
+                gpu=found.label,
+                hint="kernels run in Triton's interpreter or without a GPU here, "
+                "so they are tuned and looked up under the cpu fingerprint",
+            )
+            return cpu_fingerprint()
         log.warning(
             "kernels.fingerprint_unknown",
             fingerprint_key=wanted,

@@ -5,6 +5,12 @@ tuning benchmarks run on clones and the caller's tensors change exactly
 once per call, tuned or not (an optimizer step applied by every benchmark
 launch is the classic autotuning bug). All three tune ``BLOCK_SIZE`` over
 ``CANDIDATES[name][vendor]``.
+
+Tensors without elements launch nothing and tune nothing. Arguments may
+alias (``add_(x, x)``, ``lion_step(p, p, m, ...)``): the kernels read every
+element before writing it, and tuning benchmarks run on separate clones of
+each tensor that overlaps an updated one, so such a call gives the same
+result whether its slot is tuned yet or not.
 """
 
 from __future__ import annotations
@@ -116,6 +122,8 @@ def add(
     _check_same("add", x=x, y=y)
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
     (kernel or add_kernel)[_grid](x, y, out, x.numel())
     return out
 
@@ -123,9 +131,15 @@ def add(
 def add_(
     x: torch.Tensor, y: torch.Tensor, *, kernel: TunedKernel | None = None
 ) -> torch.Tensor:
-    """``x += y`` in place (``x`` contiguous); returns ``x``."""
+    """``x += y`` in place (``x`` contiguous); returns ``x``.
+
+    ``y`` may share memory with ``x`` (``add_(x, x)`` doubles ``x``); the
+    result is the same whether the call tunes its slot or not.
+    """
     _check_same("add_", x=x, y=y)
     _check_inplace("add_", x=x)
+    if x.numel() == 0:
+        return x
     (kernel or add_inplace_kernel)[_grid](x, y.contiguous(), x.numel())
     return x
 
@@ -146,9 +160,13 @@ def lion_step(
     The same update as lion-pytorch: ``param *= 1 - lr * weight_decay``;
     ``param -= lr * sign(beta1 * exp_avg + (1 - beta1) * grad)``;
     ``exp_avg = beta2 * exp_avg + (1 - beta2) * grad``, computed in fp32.
+    Every element is read before it is written, so ``grad`` may be
+    ``param`` itself; tuning benchmarks run on clones either way.
     """
     _check_same("lion_step", param=param, grad=grad, exp_avg=exp_avg)
     _check_inplace("lion_step", param=param, exp_avg=exp_avg)
+    if param.numel() == 0:
+        return
     (kernel or lion_kernel)[_grid](
         param,
         grad.contiguous(),

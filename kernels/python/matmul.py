@@ -122,6 +122,9 @@ def matmul(
         A new (M, N) tensor of the inputs' dtype.
     """
     _check(a, b)
+    if a.numel() == 0 or b.numel() == 0:
+        # Nothing to tune: an empty product, or zeros when K is 0.
+        return torch.zeros((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
     c = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
     (kernel or matmul_kernel)[_grid](*_args(a, b, c))
     return c

@@ -10,17 +10,20 @@ import names), which call :func:`register` when imported.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from gpufleet.kernels.autotune import (
+    INTERPRETER_BF16,
     Config,
     TunedKernel,
     TuneStats,
@@ -39,6 +42,11 @@ INPUT_SEED = 20240917
 # what a peer can make it allocate. Larger real slots are not verified here.
 MAX_SIZE = 1 << 40
 MAX_INPUT_ELEMENTS = 1 << 31
+# The bytes one set of inputs (and the outputs they make) may take, while
+# :func:`input_budget` sets it; None outside, where only the element cap holds.
+_input_budget: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "gpufleet_kernel_input_budget", default=None
+)
 
 Inputs = dict[str, Any]
 # (atol, rtol) by dtype name; "default" for any other dtype.
@@ -70,13 +78,9 @@ class UnknownKernelError(KeyError):
 class InputsTooLargeError(ValueError):
     """A tuning key whose inputs are too large to build for verification."""
 
-    def __init__(self, tuning_key: str, shape: list[int]) -> None:
+    def __init__(self, tuning_key: str, detail: str) -> None:
         self.tuning_key = tuning_key
-        self.shape = shape
-        super().__init__(
-            f"inputs of shape {shape} for {tuning_key} exceed "
-            f"{MAX_INPUT_ELEMENTS} elements, too large to verify here"
-        )
+        super().__init__(f"inputs for {tuning_key}: {detail}, too large to build here")
 
 
 @dataclass(frozen=True)
@@ -284,10 +288,54 @@ def _int_values(tuning_key: str, wanted: Sequence[str]) -> tuple[list[int], list
     return numbers, dtypes
 
 
-def _check_elements(tuning_key: str, *shapes: Sequence[int]) -> None:
+@contextlib.contextmanager
+def input_budget(max_bytes: int | None) -> Iterator[None]:
+    """Caps the bytes that ``make_inputs`` may build inside the block.
+
+    :func:`check_input_size` enforces it; the verifier sets it, so that a
+    received tuning key cannot make it allocate without bound.
+    """
+    token = _input_budget.set(max_bytes)
+    try:
+        yield
+    finally:
+        _input_budget.reset(token)
+
+
+def check_input_size(
+    tuning_key: str, dtype: torch.dtype, *shapes: Sequence[int]
+) -> None:
+    """Refuses tensors of ``shapes`` that are too large to build.
+
+    ``make_inputs`` of a user kernel should call it, before allocating, with
+    the shapes of its inputs and of the outputs a run makes.
+
+    Raises:
+        InputsTooLargeError: one tensor has more than ``MAX_INPUT_ELEMENTS``
+            elements, or, inside :func:`input_budget`, all of them take more
+            bytes than the budget.
+    """
     for shape in shapes:
         if math.prod(shape) > MAX_INPUT_ELEMENTS:
-            raise InputsTooLargeError(tuning_key, list(shape))
+            raise InputsTooLargeError(
+                tuning_key,
+                f"a tensor of shape {list(shape)} has more than "
+                f"{MAX_INPUT_ELEMENTS} elements",
+            )
+    budget = _input_budget.get()
+    if budget is None:
+        return
+    total = sum(math.prod(shape) for shape in shapes) * _element_size(dtype)
+    if total > budget:
+        raise InputsTooLargeError(
+            tuning_key,
+            f"{len(shapes)} tensors of {dtype_name(dtype)} take {total} bytes, "
+            f"more than the {budget} allowed",
+        )
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 # ---------------------------------------------------------------- built-ins
@@ -299,7 +347,7 @@ def _matmul_spec() -> KernelSpec:
     def make_inputs(tuning_key: str, device: torch.device | str) -> Inputs:
         (m, n, k), dtypes = _int_values(tuning_key, ["M", "N", "K"])
         dtype = _dtype(dtypes[0])
-        _check_elements(tuning_key, (m, k), (k, n), (m, n))
+        check_input_size(tuning_key, dtype, (m, k), (k, n), (m, n))
         # Scaled so that outputs are about 1 whatever K: fp16 keeps precision.
         scale = 1.0 / math.sqrt(k)
         return {
@@ -355,7 +403,8 @@ def _elementwise_specs() -> list[KernelSpec]:
     def make_pair(tuning_key: str, device: torch.device | str) -> Inputs:
         (n,), dtypes = _int_values(tuning_key, ["n_elements"])
         dtype = _dtype(dtypes[0])
-        _check_elements(tuning_key, (n,))
+        # x, y and add's output (add_ writes x).
+        check_input_size(tuning_key, dtype, (n,), (n,), (n,))
         return {
             "x": random_tensor((n,), dtype, device, seed=INPUT_SEED),
             "y": random_tensor((n,), dtype, device, seed=INPUT_SEED + 1),
@@ -364,7 +413,7 @@ def _elementwise_specs() -> list[KernelSpec]:
     def make_lion(tuning_key: str, device: torch.device | str) -> Inputs:
         (n,), dtypes = _int_values(tuning_key, ["n_elements"])
         dtype = _dtype(dtypes[0])
-        _check_elements(tuning_key, (n,))
+        check_input_size(tuning_key, dtype, (n,), (n,), (n,))
         return {
             "param": random_tensor((n,), dtype, device, seed=INPUT_SEED),
             "grad": random_tensor((n,), dtype, device, seed=INPUT_SEED + 1),
@@ -491,12 +540,15 @@ def tune_kernel(
     Raises:
         UnknownKernelError: no kernel has that name.
         ValueError: the shape or dtype do not fit the kernel.
+        TypeError: bfloat16 under Triton's interpreter, which computes it wrong.
         KernelTuningError: no candidate could run.
     """
     spec = get(name)
     cache = cache if cache is not None else KernelCache()
     kernel = spec.kernel.copy(cache=cache, bench=bench)
     tuning_key = spec.tuning_key_for(list(shape), dtype)
+    if interpreting() and _dtype(dtype) == torch.bfloat16:
+        raise TypeError(f"cannot tune {name!r} for {tuning_key}: {INTERPRETER_BF16}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
     fingerprint = kernel.fingerprint

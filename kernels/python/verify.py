@@ -6,7 +6,10 @@ here, the config is well formed and one of this host's own candidates, the
 entry's fingerprint is this host's, the config fits this GPU's shared memory,
 its output on fresh inputs matches the torch reference, and it is not slower
 than the local default by more than the slack. Verification never touches a
-job's tensors: it makes its own inputs from the tuning key.
+job's tensors: it makes its own inputs from the tuning key, at most
+``GPUFLEET_KERNEL_VERIFY_MAX_BYTES`` (1 GiB) of them. A larger slot, and a
+bfloat16 one under Triton's interpreter, get a ``verify-failed`` verdict,
+which does not blame the sender.
 
 The agent runs it as a subprocess, one at a time::
 
@@ -25,6 +28,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 
 from gpufleet.kernels.autotune import (
+    INTERPRETER_BF16,
     BenchFn,
     Config,
     Launch,
@@ -41,6 +46,7 @@ from gpufleet.kernels.autotune import (
     default_bench,
     interpreting,
     local_fingerprint,
+    parse_tuning_key,
 )
 from gpufleet.kernels.cache import KernelCache
 from gpufleet.kernels.candidates import SHARED_MEMORY_LIMITS, vendor_of
@@ -53,6 +59,7 @@ from gpufleet.kernels.registry import (
     as_outputs,
     clone_inputs,
     get,
+    input_budget,
 )
 from gpufleet.logs import library_logger
 
@@ -63,6 +70,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEFAULT_SLACK = 0.25
 _DETAIL_CHARS = 400
+# The inputs of one verification, outputs included; its peak is about six
+# times that (the reference's, the entry's and the default's copies). A slot
+# larger than this is not verified here, and the sender is not blamed.
+ENV_MAX_BYTES = "GPUFLEET_KERNEL_VERIFY_MAX_BYTES"
+DEFAULT_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,30 @@ class Verdict:
 
 def _text(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:_DETAIL_CHARS]
+
+
+def max_input_bytes() -> int:
+    """The byte budget of one verification's inputs and outputs.
+
+    ``GPUFLEET_KERNEL_VERIFY_MAX_BYTES`` (a positive integer), else 1 GiB; a
+    bad value is logged and the default used.
+    """
+    raw = os.environ.get(ENV_MAX_BYTES, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        log.warning(
+            "kernels.verify_max_bytes_invalid",
+            value=raw[:64],
+            default=DEFAULT_MAX_BYTES,
+            hint=f"set {ENV_MAX_BYTES} to a positive number of bytes",
+        )
+        return DEFAULT_MAX_BYTES
+    return value
 
 
 def _out_of_resources() -> type[BaseException]:
@@ -166,6 +202,7 @@ def _verify(
     vendor = vendor_of(local_fp.vendor)
     _check_identity(entry, spec, vendor)
     _check_fingerprint(entry, local_fp)
+    _check_computable(entry)
     if device is None:
         device = _device_for(local_fp)
     inputs = _make_inputs(entry, spec, device)
@@ -207,11 +244,27 @@ def _check_fingerprint(entry: KernelEntry, local_fp: HardwareFingerprint) -> Non
         )
 
 
+def _check_computable(entry: KernelEntry) -> None:
+    """Refuses, without blaming the sender, what this host cannot compute."""
+    try:
+        _, dtypes = parse_tuning_key(entry.tuning_key)
+    except ValueError:
+        return  # building the inputs names the problem
+    if interpreting() and "bfloat16" in dtypes:
+        raise EntryRejected(
+            "verify-failed",
+            f"{INTERPRETER_BF16}; this host verifies in the interpreter, so it "
+            f"cannot check {entry.tuning_key}",
+        )
+
+
 def _make_inputs(
     entry: KernelEntry, spec: KernelSpec, device: torch.device | str
 ) -> dict[str, Any]:
+    limit = max_input_bytes()
     try:
-        return spec.make_inputs(entry.tuning_key, device)
+        with input_budget(limit):
+            inputs = spec.make_inputs(entry.tuning_key, device)
     except InputsTooLargeError as exc:
         # Not the sender's fault: a real slot this host cannot afford to check.
         raise EntryRejected("verify-failed", str(exc)) from None
@@ -221,6 +274,16 @@ def _make_inputs(
             f"tuning key {entry.tuning_key!r} does not fit kernel "
             f"{entry.kernel!r}: {_text(exc)}",
         ) from None
+    # A user kernel's make_inputs may not check its size: refuse before the
+    # copies that the checks make.
+    built = sum(v.nbytes for v in inputs.values() if isinstance(v, torch.Tensor))
+    if built > limit:
+        raise EntryRejected(
+            "verify-failed",
+            f"inputs for {entry.tuning_key} take {built} bytes, more than the "
+            f"{limit} allowed ({ENV_MAX_BYTES}), too large to verify here",
+        )
+    return inputs
 
 
 def _check_resources(

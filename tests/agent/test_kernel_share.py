@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import itertools
 import json
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -508,6 +511,10 @@ WRONG_LINE = b'{"accepted": false, "reason": "wrong-result: max error 3.0"}'
         (b"log line\n" + WRONG_LINE, 0, False, "wrong-result"),
         (b'{"accepted": false}', 0, False, "verify-failed"),
         (b'{"accepted": true, "entry_ms": -1}', 0, False, "verify-failed"),
+        (b'{"accepted": true, "entry_ms": -0.0}', 0, False, "verify-failed"),
+        (b'{"accepted": true, "default_ms": 1e8}', 0, False, "verify-failed"),
+        (b'{"accepted": true, "entry_ms": 1e400}', 0, False, "verify-failed"),
+        (b'{"accepted": true, "entry_ms": 1e7, "default_ms": 0}', 0, True, ""),
         (b'{"accepted": "yes"}', 0, False, "verify-failed"),
         (b"", 0, False, "verify-failed"),
         (ACCEPTED_LINE, 2, False, "verify-failed"),
@@ -520,6 +527,25 @@ def test_parse_verifier_output_takes_only_well_formed_verdicts(
     assert outcome.accepted is accepted
     assert outcome.reason.split(":")[0] == cause
     assert outcome.blame_sender is (cause != "verify-failed")
+
+
+@pytest.mark.parametrize(
+    ("reason", "blamed"),
+    [
+        ("verify-failed: the entry is too large to verify here", False),
+        (" verify-failed : padded", False),
+        ("verify-failedness: not the verifier's own cause", True),
+        ("wrong-result: output 0 differs", True),
+    ],
+)
+def test_parse_verifier_output_blames_the_sender_unless_the_cause_is_verify_failed(
+    reason: str, blamed: bool
+) -> None:
+    line = json.dumps({"accepted": False, "reason": reason}).encode()
+
+    outcome = parse_verifier_output(line, 0, b"")
+
+    assert outcome.blame_sender is blamed
 
 
 def test_agent_config_kernels_section_reports_every_bad_field() -> None:
@@ -651,6 +677,190 @@ def test_agent_config_reads_kernels_section_from_yaml_and_environment(
         "kernels.slak: unknown field; did you mean kernels.slack?",
         "kernels.verify_timeout_s: must be a number, got 'soon'",
     ]
+
+
+# Hardening ------------------------------------------------------------------
+
+
+async def test_kernel_share_verifies_an_admin_pin_from_a_locally_flagged_sender(
+    make: Make,
+) -> None:
+    h = await make("refuse")
+    fp = _fp(A10G_0)
+    await _install(h, _entry(fp))
+    assert PEER in h.share.flagged_hosts
+
+    refused_pin = dataclasses.replace(
+        _entry(fp, SMALL_MATMUL, tuning_key="M=64,N=64,K=64"), pinned=True
+    )
+    await _install(h, refused_pin)
+    h.cfg.verify_command = [
+        sys.executable,
+        str(FAKE_VERIFY),
+        "accept",
+        str(h.record),
+    ]
+    accepted_pin = dataclasses.replace(
+        _entry(fp, SMALL_MATMUL, tuning_key="M=128,N=64,K=64"), pinned=True
+    )
+    unpinned = _entry(fp, SMALL_MATMUL, tuning_key="M=256,N=64,K=64")
+    result = await _install(h, accepted_pin, unpinned)
+
+    assert len(h.runs()) == 3, "both pins were verified"
+    assert h.cache.lookup(fp.key, refused_pin.slot_key) is None
+    stored = h.cache.lookup(fp.key, accepted_pin.slot_key)
+    assert stored is not None
+    assert stored.origin == "pinned"
+    assert result.detail.startswith("queued 1 of 2 kernel entries; skipped 1: ")
+    assert "sender-flagged" in result.detail
+
+
+async def test_kernel_share_pauses_a_sender_after_twenty_verify_failed_in_a_row(
+    make: Make,
+) -> None:
+    h = await make()
+    h.cfg.verify_command = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    fp = _fp(A10G_0)
+    flood = [_entry(fp, tuning_key=f"M={m},N=64,K=64") for m in range(1, 26)]
+
+    with capture_logs() as logs:
+        await _install(h, *flood)
+
+    assert h.share.counters.verify_failed == 20
+    assert h.share.counters.skipped == 5, "the rest of the queue was set aside"
+    assert h.cache.incoming() == []
+    paused = [e for e in logs if e["event"] == "kernels.sender_paused"]
+    assert [(e["peer"], e["verify_failed_in_a_row"]) for e in paused] == [(PEER, 20)]
+    assert h.share.flagged_hosts == {}
+
+    later = _entry(fp, tuning_key="M=999,N=64,K=64")
+    other = _entry(fp, tuning_key="M=998,N=64,K=64", tuned_by="host-c")
+    result = await _install(h, later, other)
+    assert "sender-paused" in result.detail
+    assert result.detail.startswith("queued 1 of 2 kernel entries")
+    assert h.share.counters.verify_failed == 21, "another sender is still verified"
+
+    h.now_s += 3601.0
+    result = await _install(h, later)
+    assert result.detail == "queued 1 of 1 kernel entries", "the pause ended"
+
+
+async def test_kernel_share_verify_failed_streak_ends_with_a_real_verdict(
+    make: Make,
+) -> None:
+    h = await make()
+    fp = _fp(A10G_0)
+    failing = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    accepting = list(h.cfg.verify_command)
+    for round_ in range(2):
+        h.cfg.verify_command = failing
+        await _install(
+            h,
+            *[_entry(fp, tuning_key=f"M={m},N={round_ + 1},K=8") for m in range(1, 16)],
+        )
+        h.cfg.verify_command = accepting
+        await _install(h, _entry(fp, tuning_key=f"M=1,N={round_ + 1},K=9"))
+
+    assert h.share.counters.verify_failed == 30
+    assert h.share.counters.verified == 2, "15 + 15 failures never made 20 in a row"
+
+
+async def test_kernel_share_rewrites_a_missing_or_damaged_host_file(
+    make: Make,
+) -> None:
+    h = await make(gpus=(A10G_0,), run=False)
+    host_file = h.root / "host.json"
+
+    with capture_logs() as logs:
+        host_file.unlink()
+        await h.share.scan_once()
+        assert h.cache.read_host() == ({A10G_0.uuid: _fp(A10G_0)}, _fp(A10G_0).key)
+        host_file.write_text('{"fingerprints": ')
+        await h.share.scan_once()
+        assert h.cache.fingerprint(_fp(A10G_0).key) == _fp(A10G_0)
+        await h.share.scan_once()
+
+    rewritten = [e for e in logs if e["event"] == "kernels.host_file_rewritten"]
+    assert len(rewritten) == 2, "one line per rewrite, none while it is intact"
+
+
+@pytest.mark.parametrize(
+    "raw", ["1e300", "Infinity", '"12"', "true", "-3", str(2**64), "null"]
+)
+async def test_kernel_share_bad_next_report_id_falls_back_to_one(
+    make: Make, raw: str
+) -> None:
+    h = await make(run=False)
+    (h.root / "agent-state.json").write_text(
+        '{"version": 1, "next_report_id": ' + raw + ', "acked": {"s/c": "published"}}'
+    )
+    h.cache.store(_entry(_fp(A10G_0), tuned_by=HOST), "local")
+    restarted = h.new_share()
+
+    with capture_logs() as logs:
+        await restarted.start([A10G_0])
+    first = await restarted.scan_once()
+    h.cache.store(_entry(_fp(A10G_0), tuning_key="M=8,N=8,K=8"), "local")
+    second = await restarted.scan_once()
+
+    assert first is not None
+    assert first.report_id == 1
+    assert second is not None
+    assert second.report_id == 2
+    assert any(e["event"] == "kernels.state_report_id_invalid" for e in logs)
+
+
+def _orphaning_verifier(tmp_path: Path, *, new_session: bool) -> list[str]:
+    """A verifier that prints its verdict and leaves a child holding stdout."""
+    script = tmp_path / "orphaning_verify.py"
+    script.write_text(
+        "import json, subprocess, sys\n"
+        "child = subprocess.Popen(\n"
+        "    [sys.executable, '-c', 'import time; time.sleep(30)'],\n"
+        f"    start_new_session={new_session},\n"
+        ")\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
+        "print(json.dumps({'accepted': True, 'reason': '', 'entry_ms': 1.0,\n"
+        "                  'default_ms': 2.0}), flush=True)\n"
+    )
+    return [sys.executable, str(script)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("new_session", [False, True], ids=["group", "escaped"])
+async def test_kernel_share_verifier_child_holding_stdout_does_not_fail_it(
+    make: Make, tmp_path: Path, new_session: bool
+) -> None:
+    h = await make(timeout_s=6.0)
+    h.cfg.verify_command = _orphaning_verifier(tmp_path, new_session=new_session)
+    entry = _entry(_fp(A10G_0))
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    try:
+        await _install(h, entry)
+        took_s = loop.time() - started
+        pid = int((tmp_path / "child.pid").read_text())
+        if not new_session:
+            await eventually(lambda: not _alive(pid), timeout_s=5)
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((tmp_path / "child.pid").read_text()), signal.SIGKILL)
+
+    assert h.share.counters.verify_failed == 0
+    assert h.share.counters.verified == 1
+    assert took_s < 5.0
+    stored = h.cache.lookup(_fp(A10G_0).key, entry.slot_key)
+    assert stored is not None
+    assert stored.origin == "peer"
 
 
 # The real verifier -------------------------------------------------------------

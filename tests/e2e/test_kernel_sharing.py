@@ -5,6 +5,11 @@ H100. A job on node-a calls matmul, which tunes it (Triton's interpreter,
 real benchmarks). node-a's agent publishes the winner; the broker pushes it
 to node-b only, whose agent verifies it with the real verifier; then a job
 on node-b runs matmul with that config and no benchmark at all.
+
+Interpreter timings are only ever filed under a replayed GPU's fingerprint,
+so the fleet that shares tuned winners replays its GPUs, as a rehearsal
+fleet on CPUs does; the hostile peer's fleet keeps real NVIDIA fingerprints,
+whose shared-memory limits the verifier checks.
 """
 
 from __future__ import annotations
@@ -60,8 +65,23 @@ def _run_job(env: dict[str, str]) -> dict[str, Any]:
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
+class ReplayedNvml(NvmlCollector):
+    """The fake GPUs as a host that replays GPU traces reports them."""
+
+    def open(self) -> list[pb.GpuInfo]:
+        gpus = super().open()
+        for gpu in gpus:
+            gpu.vendor = "replay"
+        return gpus
+
+
+@pytest.fixture(params=["nvidia"])
+def collector(request: pytest.FixtureRequest) -> type[NvmlCollector]:
+    return ReplayedNvml if request.param == "replay" else NvmlCollector
+
+
 @pytest.fixture
-async def fleet(tmp_path: Path, broker_factory, agent_factory, monkeypatch):
+async def fleet(tmp_path: Path, broker_factory, agent_factory, monkeypatch, collector):
     # The agents' verifier subprocesses inherit this: Triton on the CPU.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     broker = await broker_factory()
@@ -78,7 +98,7 @@ async def fleet(tmp_path: Path, broker_factory, agent_factory, monkeypatch):
             verify_bench="tests.kernels.fake_bench:equal",
         )
         cfg = agent_config(tmp_path, broker.addr, name, kernels=kernels)
-        agents[name] = (await agent_factory(cfg, NvmlCollector(FakeNvml([gpu])))).agent
+        agents[name] = (await agent_factory(cfg, collector(FakeNvml([gpu])))).agent
     return broker, agents
 
 
@@ -106,6 +126,7 @@ def _share(agent: Any) -> Any:
     return agent.kernels
 
 
+@pytest.mark.parametrize("collector", ["replay"], indirect=True)
 async def test_tuned_winner_reaches_same_hardware_only_and_runs_untuned(
     fleet,
 ) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ import pytest
 import torch
 import triton
 
-from gpufleet.kernels import autotune, elementwise, matmul
+from gpufleet.kernels import autotune, device, elementwise, matmul
 from gpufleet.kernels.autotune import (
     KernelTuningError,
     Launch,
@@ -277,13 +280,86 @@ def test_slot_lock_held_too_long_means_tuning_anyway(cache_dir: Path) -> None:
     assert torch.equal(x, torch.full((8,), 2.0))
 
 
-def test_restored_argument_aliased_by_another_argument_is_refused() -> None:
-    x = torch.ones(8)
-    kernel = elementwise.lion_kernel.copy()
+Aliased = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-    with pytest.raises(ValueError, match="shares memory with restored argument"):
-        elementwise.lion_step(x, x, torch.zeros(8), **LION, kernel=kernel)
-    assert torch.equal(x, torch.ones(8))
+
+def _same_tensor() -> Aliased:
+    """add_(x, x): x doubles."""
+    x = torch.arange(8.0)
+    return x, x, x, torch.arange(8.0) * 2
+
+
+def _disjoint_views() -> Aliased:
+    """Two halves of one buffer: only the first half changes."""
+    buf = torch.arange(800.0)
+    expected = buf.clone()
+    expected[:400] += buf[400:]
+    return buf[:400], buf[400:], buf, expected
+
+
+def _empty() -> Aliased:
+    x = torch.empty(0)
+    return x, torch.empty(0), x, torch.empty(0)
+
+
+@pytest.mark.parametrize("make", [_same_tensor, _disjoint_views, _empty])
+def test_inplace_add_of_aliased_arguments_is_the_same_cold_and_warm(
+    make: Any,
+) -> None:
+    kernel = elementwise.add_inplace_kernel.copy()
+    for _ in ("cold", "warm"):
+        x, y, changed, expected = make()
+
+        elementwise.add_(x, y, kernel=kernel)
+
+        assert torch.equal(changed, expected)
+    if x.numel():
+        assert kernel.stats.tuned_slots == 1
+        assert kernel.stats.memory_hits == 1
+
+
+def test_empty_tensors_do_not_share_memory_with_a_restored_argument() -> None:
+    kernel = elementwise.add_inplace_kernel.copy()
+    x, y = torch.empty(0), torch.empty(0)
+
+    kernel[lambda meta: (1,)](x, y, 0)
+
+    assert kernel.stats.tuned_slots == 1
+
+
+def test_lion_step_with_the_gradient_aliasing_the_parameter_steps_once() -> None:
+    kernel = elementwise.lion_kernel.copy()
+    for _ in ("cold", "warm"):
+        param, exp_avg = torch.linspace(-1, 1, 8), torch.full((8,), 0.01)
+        ref_param, ref_avg = param.clone(), exp_avg.clone()
+        lion_reference_step(ref_param, param.clone(), ref_avg, **LION)
+
+        elementwise.lion_step(param, param, exp_avg, **LION, kernel=kernel)
+
+        assert torch.equal(param, ref_param)
+        assert torch.equal(exp_avg, ref_avg)
+    assert kernel.stats.tuned_slots == 1
+
+
+def test_benchmarks_never_write_a_tensor_overlapping_a_restored_one() -> None:
+    # y is a view inside x: a benchmark on a clone of x alone would still
+    # read y's live memory, and a write through x would change it.
+    seen: list[int] = []
+    buf = torch.arange(16.0)
+    x, y = buf[:8], buf[4:12]
+
+    def bench(launch: Launch) -> float:
+        launch()
+        seen.append(int(torch.equal(buf, torch.arange(16.0))))
+        return 1.0
+
+    kernel = elementwise.add_inplace_kernel.copy(bench=bench)
+    expected = x.clone() + y.clone()
+
+    elementwise.add_(x, y, kernel=kernel)
+
+    assert seen == [1, 1, 1], "the caller's buffer changed during benchmarks"
+    assert torch.equal(buf[:8], expected)
 
 
 def test_tuning_key_is_canonical_and_parses_back() -> None:
@@ -306,17 +382,52 @@ def test_kernel_refuses_key_names_that_are_not_arguments() -> None:
         TunedKernel(elementwise.add_kernel.fn, name="add", key=["n"])
 
 
-def test_local_fingerprint_follows_the_agent_host_file(
+def test_local_fingerprint_follows_the_agent_host_file_on_a_gpu(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    a10g = HardwareFingerprint("nvidia", "NVIDIA A10G", "8.6", 22, "535", "12.2")
+    KernelCache(cache_dir).write_host({"GPU-1": a10g}, a10g.key)
+    # A job on a real GPU: Triton compiles, torch sees device 0.
+    monkeypatch.setattr(device, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    monkeypatch.setenv("GPUFLEET_KERNEL_FINGERPRINT", a10g.key)
+    assert local_fingerprint() == a10g
+
+
+def test_interpreter_ignores_a_real_gpu_fingerprint_named_by_the_agent(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the interpreter measures must never be filed as the GPU's."""
     a10g = HardwareFingerprint("nvidia", "NVIDIA A10G", "8.6", 22, "535", "12.2")
     KernelCache(cache_dir).write_host({"GPU-1": a10g}, a10g.key)
 
     assert local_fingerprint() == cpu_fingerprint()
     monkeypatch.setenv("GPUFLEET_KERNEL_FINGERPRINT", a10g.key)
-    assert local_fingerprint() == a10g
+    with caplog.at_level("WARNING", logger="gpufleet.kernels.device"):
+        assert local_fingerprint() == cpu_fingerprint()
+    assert "kernels.fingerprint_not_interpreted" in caplog.text
+    assert a10g.key in caplog.text
     monkeypatch.setenv("GPUFLEET_KERNEL_FINGERPRINT", "0123456789abcdef")
     assert local_fingerprint() == cpu_fingerprint()
+
+    elementwise.add(torch.ones(16), torch.ones(16))
+    monkeypatch.setenv("GPUFLEET_KERNEL_FINGERPRINT", a10g.key)
+    elementwise.add(torch.ones(32), torch.ones(32))
+    assert KernelCache(cache_dir).entries(a10g.key) == []
+    assert len(KernelCache(cache_dir).entries(cpu_fingerprint().key)) == 2
+
+
+def test_interpreter_keeps_a_replayed_gpu_named_by_the_agent(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replay = HardwareFingerprint("replay", "NVIDIA A10G (replay)", "", 24, "")
+    a10g = HardwareFingerprint("nvidia", "NVIDIA A10G", "8.6", 22, "535", "12.2")
+    KernelCache(cache_dir).write_host({"GPU-r": replay, "GPU-1": a10g}, replay.key)
+
+    monkeypatch.setenv("GPUFLEET_KERNEL_FINGERPRINT", replay.key)
+    assert local_fingerprint() == replay
 
 
 @pytest.mark.parametrize(
@@ -363,3 +474,74 @@ def test_interpreter_on_a_replay_host_uses_the_agents_fingerprint(
     cache = KernelCache(tmp_path / "real")
     cache.write_host({"GPU-n": real}, real.key)
     assert local_fingerprint(cache) == cpu_fingerprint()
+
+
+def test_bfloat16_is_refused_under_the_interpreter_at_call_time(
+    cache_dir: Path,
+) -> None:
+    x = torch.ones(64, dtype=torch.bfloat16)
+    a = torch.ones(8, 8, dtype=torch.bfloat16)
+
+    with pytest.raises(TypeError, match="interpreter cannot compute bfloat16"):
+        elementwise.add(x, x)
+    with pytest.raises(TypeError, match="use float16/float32 or run on a GPU"):
+        elementwise.add_(x, x)
+    with pytest.raises(TypeError, match="interpreter cannot compute bfloat16"):
+        matmul.matmul(a, a)
+    with pytest.raises(TypeError, match="interpreter cannot compute bfloat16"):
+        elementwise.launch_add(x, x, candidates_for("add", "cpu")[0])
+
+    assert torch.equal(x, torch.ones(64, dtype=torch.bfloat16))
+    assert elementwise.add_kernel.stats.bench_runs == 0
+    assert KernelCache(cache_dir).entries() == []
+
+
+def test_every_candidate_failing_for_lack_of_a_driver_names_the_fix() -> None:
+    def no_driver(launch: Launch) -> float:
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    kernel = elementwise.add_kernel.copy(bench=no_driver)
+
+    with pytest.raises(KernelTuningError) as info:
+        elementwise.add(torch.ones(4), torch.ones(4), kernel=kernel)
+
+    message = str(info.value)
+    assert "no GPU driver is active; on a CPU set TRITON_INTERPRET=1" in message
+    assert "Check the arguments' shapes" not in message
+
+
+NO_INTERPRETER_JOB = """
+import json, sys, torch
+from gpufleet.kernels import elementwise
+errors = {}
+for n in (16, 32):
+    try:
+        elementwise.add(torch.ones(n), torch.ones(n))
+    except Exception as exc:
+        errors[n] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+def test_without_gpu_or_interpreter_the_error_says_to_set_triton_interpret(
+    cache_dir: Path,
+) -> None:
+    # n=16 is in the cache (a launch without tuning), n=32 is not (a tune).
+    elementwise.add(torch.ones(16), torch.ones(16))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    done = subprocess.run(
+        [sys.executable, "-c", NO_INTERPRETER_JOB],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+    errors = json.loads(done.stdout.splitlines()[-1])
+    assert set(errors) == {"16", "32"}
+    for error in errors.values():
+        assert "no GPU driver is active; on a CPU set TRITON_INTERPRET=1" in error
+        assert "Check the arguments' shapes" not in error

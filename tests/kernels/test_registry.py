@@ -150,3 +150,11 @@ def test_tune_kernel_tunes_once_then_hits_the_cache(tmp_path: Path) -> None:
 def test_tune_kernel_rejects_a_shape_of_the_wrong_rank(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="MxNxK"):
         registry.tune_kernel("matmul", [20, 12], cache=KernelCache(tmp_path))
+
+
+def test_tune_kernel_refuses_bfloat16_under_the_interpreter(tmp_path: Path) -> None:
+    cache = KernelCache(tmp_path / "bf16")
+
+    with pytest.raises(TypeError, match="interpreter cannot compute bfloat16"):
+        registry.tune_kernel("add", [64], "bfloat16", cache=cache, bench=one_launch)
+    assert cache.entries() == []

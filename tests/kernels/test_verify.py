@@ -410,3 +410,81 @@ def test_module_command_finds_a_wrong_result_in_a_user_kernel(
     verdict = json.loads(line)
     assert verdict["accepted"] is False
     assert verdict["reason"].startswith("wrong-result: "), verdict
+
+
+# ---------------------------------------------------------------- size and dtype
+
+
+def test_inputs_over_the_byte_budget_are_verify_failed_not_blamed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # add n=1000 fp32 builds x, y and the output: 12000 bytes.
+    monkeypatch.setenv("GPUFLEET_KERNEL_VERIFY_MAX_BYTES", "8000")
+    entry = make_entry("add", cpu_fingerprint(), [1000])
+
+    refused = verify.verify_entry(
+        entry, local_fp=cpu_fingerprint(), do_bench=fake_bench.equal
+    )
+    monkeypatch.setenv("GPUFLEET_KERNEL_VERIFY_MAX_BYTES", "12000")
+    fits = verify.verify_entry(
+        entry, local_fp=cpu_fingerprint(), do_bench=fake_bench.equal
+    )
+
+    assert refused.cause == "verify-failed"
+    assert "12000 bytes, more than the 8000 allowed" in refused.reason
+    assert fits.accepted, fits.reason
+
+
+@pytest.mark.timeout(60)
+def test_default_byte_budget_refuses_a_huge_matmul_at_once() -> None:
+    # Each tensor is under the element cap; together they take 3 GiB.
+    entry = make_entry("matmul", cpu_fingerprint(), [16384, 16384, 16384])
+
+    verdict = verify.verify_entry(
+        entry, local_fp=cpu_fingerprint(), do_bench=fake_bench.equal
+    )
+
+    assert verdict.cause == "verify-failed"
+    assert f"more than the {1 << 30} allowed" in verdict.reason
+
+
+def test_user_kernel_inputs_are_measured_after_they_are_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # buggy_kernels' make_inputs does not check its size: 4 x 48 fp32 = 768 B.
+    monkeypatch.setenv("GPUFLEET_KERNEL_MODULES", "tests.kernels.buggy_kernels")
+    monkeypatch.setenv("GPUFLEET_KERNEL_VERIFY_MAX_BYTES", "512")
+    from tests.kernels import buggy_kernels
+
+    entry = make_entry(
+        "rowsum_buggy",
+        cpu_fingerprint(),
+        [buggy_kernels.N_COLS],
+        config=buggy_kernels.WIDE,
+    )
+    verdict = verify.verify_entry(
+        entry, local_fp=cpu_fingerprint(), do_bench=fake_bench.equal
+    )
+
+    assert verdict.cause == "verify-failed"
+    assert "768 bytes, more than the 512 allowed" in verdict.reason
+
+
+@pytest.mark.parametrize("raw", ["", "lots", "-5", "0"])
+def test_byte_budget_setting_falls_back_to_one_gib(
+    raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUFLEET_KERNEL_VERIFY_MAX_BYTES", raw)
+
+    assert verify.max_input_bytes() == 1 << 30
+
+
+def test_bfloat16_entry_under_the_interpreter_is_verify_failed() -> None:
+    entry = make_entry("add", cpu_fingerprint(), [200], "bfloat16")
+
+    verdict = verify.verify_entry(
+        entry, local_fp=cpu_fingerprint(), do_bench=fake_bench.equal
+    )
+
+    assert verdict.cause == "verify-failed"
+    assert "interpreter cannot compute bfloat16" in verdict.reason
