@@ -15,9 +15,15 @@ import grpc
 
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.kernel_choice import Choice
-from gpufleet.broker.kernels import KernelCatalog, KernelSlotNotFoundError
+from gpufleet.broker.kernels import KernelCatalog, KernelSlotNotFoundError, clean_text
 from gpufleet.broker.kernelstore import ReportRecord
 from gpufleet.proto import pb
+
+# Slots in one ListKernels answer when the request names no limit, and at
+# most: a slot's view is about 300 bytes, and an answer must stay under the
+# 4 MiB message limit.
+DEFAULT_LIST_LIMIT = 1000
+MAX_LIST_LIMIT = 5000
 
 
 def slot_view(
@@ -48,6 +54,8 @@ def slot_view(
         flag = catalog.flags.get(r.host_id)
         if flag is not None and not reason:
             reason = f"sender-flagged: {flag.reason}"
+        # Rows stored by an older broker may hold raw control characters.
+        reason = clean_text(reason, len(reason))
         views.append(
             pb.KernelReportView(
                 host_id=r.host_id,
@@ -93,17 +101,22 @@ class KernelsMixin:
 
     async def ListKernels(self, request, context):  # type: ignore[no-untyped-def]
         async def answer(catalog: KernelCatalog) -> pb.ListKernelsResponse:
-            choices = sorted(
-                catalog.choices.values(), key=lambda c: (c.kernel, c.slot_key)
-            )
-            return pb.ListKernelsResponse(
-                slots=[
-                    slot_view(catalog, c)
-                    for c in choices
+            matching = sorted(
+                (
+                    c
+                    for c in catalog.choices.values()
                     if request.fingerprint_key in ("", c.fingerprint_key)
                     and request.kernel in ("", c.kernel)
+                ),
+                key=lambda c: (c.kernel, c.slot_key),
+            )
+            limit = min(request.limit or DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)
+            return pb.ListKernelsResponse(
+                slots=[slot_view(catalog, c) for c in matching[:limit]],
+                flagged_hosts=[
+                    clean_text(line, len(line)) for line in catalog.flagged_hosts()
                 ],
-                flagged_hosts=catalog.flagged_hosts(),
+                total_slots=len(matching),
             )
 
         return await self._kernels(context, answer)

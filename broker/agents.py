@@ -4,6 +4,11 @@ Owned by the broker process. Validates each agent's hello (refusing
 incompatible versions with the versions that fit), turns telemetry into
 fleet state, metrics, history and reaper observations, hands kernel reports
 to the catalog, and delivers commands until the agent reports their result.
+
+Each stream runs three tasks: the read loop, which never waits on the
+kernel catalog (a heartbeat is answered while a report is decided), the
+write loop, and the kernel worker, which hands the stream's kernel reports
+to the catalog one at a time from a short backlog.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ MAX_ID_CHARS = 256
 OUTBOX_SIZE = 1000
 # Byte counts are stored as signed 64-bit integers; no GPU comes near this.
 MAX_BYTES = 2**62
+# Kernel reports of one stream waiting for the catalog. An agent sends one
+# per scan interval and sends an unacknowledged one again after 60 s, so a
+# report dropped beyond this backlog is only late; a flood of reports is
+# bounded here instead of in the broker's memory.
+KERNEL_REPORT_BACKLOG = 4
 
 
 class HelloError(Exception):
@@ -81,10 +91,13 @@ class AgentServicer(rpc.AgentServiceServicer):
                 )
             )
             await self.core.resend_pending_commands(host)
-            await self._push_kernels(host)
+            reports: asyncio.Queue[pb.KernelReport] = asyncio.Queue(
+                maxsize=KERNEL_REPORT_BACKLOG
+            )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(_write_loop(context, outbox), name="agent-write")
-                await self._read_loop(context, host)
+                tg.create_task(self._kernel_loop(host, reports), name="agent-kernels")
+                await self._read_loop(context, host, reports)
                 raise _StreamEnded
         except* _StreamEnded:
             pass
@@ -164,8 +177,43 @@ class AgentServicer(rpc.AgentServiceServicer):
         host.outbox = None
         await self.core.host_disconnected(host)
 
+    async def _kernel_loop(
+        self, host: HostState, reports: asyncio.Queue[pb.KernelReport]
+    ) -> None:
+        """Sends the host the catalog's entries it lacks, then hands the
+        stream's kernel reports to the catalog and sends the acks.
+
+        Both wait for the catalog's lock, which another host's report may
+        hold: the read loop goes on meanwhile. A report that fails (the
+        store is down) is logged and not acked: the agent sends it again
+        later. The stream and its telemetry go on.
+        """
+        await self._push_kernels(host)
+        while True:
+            report = await reports.get()
+            catalog = self.core.kernels
+            if catalog is None:
+                continue
+            deciding = asyncio.ensure_future(catalog.on_report(host, report))
+            try:
+                ack = await asyncio.shield(deciding)
+            except asyncio.CancelledError:
+                # The stream ended: the report being decided is finished
+                # first, so that its slots are not left half-decided.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(deciding)
+                raise
+            except Exception:
+                self.core.metrics.count_rejected("kernel-report-failed")
+                log.exception("kernels.report_failed", report_id=report.report_id)
+                continue
+            host.send(pb.BrokerMessage(kernel_report_ack=ack))
+
     async def _read_loop(
-        self, context: grpc.aio.ServicerContext, host: HostState
+        self,
+        context: grpc.aio.ServicerContext,
+        host: HostState,
+        reports: asyncio.Queue[pb.KernelReport],
     ) -> None:
         core = self.core
         while True:
@@ -192,8 +240,15 @@ class AgentServicer(rpc.AgentServiceServicer):
             elif kind == "job_update":
                 await core.job_update(host, message.job_update)
             elif kind == "kernel_report" and core.kernels is not None:
-                ack = await core.kernels.on_report(host, message.kernel_report)
-                host.send(pb.BrokerMessage(kernel_report_ack=ack))
+                try:
+                    reports.put_nowait(message.kernel_report)
+                except asyncio.QueueFull:
+                    core.metrics.count_rejected("kernel-report-backlog")
+                    log.warning(
+                        "kernels.report_dropped",
+                        report_id=message.kernel_report.report_id,
+                        backlog=KERNEL_REPORT_BACKLOG,
+                    )
             else:
                 core.metrics.count_rejected("unknown-message")
                 log.warning("agent.unknown_message", kind=kind)

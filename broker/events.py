@@ -12,7 +12,7 @@ import asyncio
 import collections
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -147,15 +147,60 @@ class EventBus:
                         limit=sub.limit,
                         event_id=record.id,
                     )
-        if self.publisher is not None:
-            try:
-                self.publisher.publish_event(record)
-            except Exception as exc:
-                # The event is stored; MQTT is a courtesy copy, never a reason
-                # for a state change to fail.
-                log.warning("events.publish-failed", error=str(exc), id=record.id)
+        self._publish(record)
         log.debug("events.emitted", id=record.id, kind=kind, host_id=host_id)
         return record
+
+    async def emit_many(
+        self,
+        kind: str,
+        events: Sequence[tuple[str, Mapping[str, Any]]],
+        *,
+        cause: str = "",
+        at_s: float | None = None,
+    ) -> list[EventRecord]:
+        """Stores events of one kind, each ``(host_id, data)``, in one
+        transaction, then fans them out in order.
+
+        For a burst of events from one cause (a report's new entries): one
+        write instead of one per event.
+
+        Raises:
+            ValueError: ``kind`` is not dotted lowercase.
+            StoreError: the store is not open.
+        """
+        if not KIND_PATTERN.match(kind):
+            raise ValueError(
+                f"event kind {kind!r} is not dotted lowercase, e.g. 'host.lost'"
+            )
+        when_s = self._clock() if at_s is None else at_s
+        async with self._lock:
+            records = await self.store.add_events(
+                kind, events, cause=cause, at_s=when_s
+            )
+            for record in records:
+                for sub in list(self._subscriptions):
+                    if not sub.offer(record):
+                        self._subscriptions.discard(sub)
+                        log.warning(
+                            "events.subscriber-dropped",
+                            limit=sub.limit,
+                            event_id=record.id,
+                        )
+        for record in records:
+            self._publish(record)
+        log.debug("events.emitted", kind=kind, events=len(records))
+        return records
+
+    def _publish(self, record: EventRecord) -> None:
+        if self.publisher is None:
+            return
+        try:
+            self.publisher.publish_event(record)
+        except Exception as exc:
+            # The event is stored; MQTT is a courtesy copy, never a reason
+            # for a state change to fail.
+            log.warning("events.publish-failed", error=str(exc), id=record.id)
 
     async def subscribe(self, since_id: int = 0) -> AsyncIterator[EventRecord]:
         """Yields stored events after ``since_id``, then live ones, in id order.

@@ -8,7 +8,7 @@ which config the fleet runs there and in what state the slot is.
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 import statistics
 from collections.abc import Iterable, Mapping
 
@@ -32,11 +32,18 @@ SLOT_STATES = (PINNED, AGREED, DISPUTED, NO_CHOICE)
 # the entry again when it reconnects.
 NON_FLAGGING_CAUSES = frozenset({"verify-failed", "sender-flagged"})
 _ROLE_RANK = {REFUSED: 0, VERIFIED: 1, TUNED: 2}
+_CAUSE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 
 
 def cause_of(reason: str) -> str:
-    """The kebab-case cause at the start of a ``cause: detail`` reason."""
-    return reason.split(":", 1)[0].strip() or "unknown"
+    """The kebab-case cause at the start of a ``cause: detail`` reason.
+
+    The whole text before the first colon is the cause, compared exactly:
+    ``verify-failed-xyz`` is not ``verify-failed``. Anything that is not a
+    kebab-case word reads ``unknown``.
+    """
+    cause = reason.split(":", 1)[0].strip()
+    return cause if _CAUSE.match(cause) else "unknown"
 
 
 def latest_by_host(reports: Iterable[ReportRecord]) -> dict[str, ReportRecord]:
@@ -52,11 +59,18 @@ def latest_by_host(reports: Iterable[ReportRecord]) -> dict[str, ReportRecord]:
     return latest
 
 
-def settled(choice_config_hash: str | None, latest: ReportRecord | None) -> bool:
+def settled(
+    choice_config_hash: str | None,
+    latest: ReportRecord | None,
+    *,
+    pinned: bool = False,
+) -> bool:
     """Whether a host needs no push of the chosen config.
 
     It runs that config (tuned or verified it last), or refused it for a
-    reason that a second try would not change.
+    reason that a second try would not change. A pinned config settles only
+    a host that runs it: the operator's pin goes to refusers too, which
+    verify it again (and run it when it passes).
     """
     if latest is None or choice_config_hash is None:
         return False
@@ -64,6 +78,8 @@ def settled(choice_config_hash: str | None, latest: ReportRecord | None) -> bool
         return False
     if latest.role in (TUNED, VERIFIED):
         return True
+    if pinned:
+        return False
     return cause_of(latest.reason) not in NON_FLAGGING_CAUSES
 
 
@@ -91,14 +107,29 @@ class Choice:
         return self.state == PINNED
 
 
-def _time_ms(chash: str, counting: list[ReportRecord]) -> float:
-    """Verified times where there are any, else the tuners' own."""
-    mine = [r for r in counting if r.config_hash == chash]
-    verified = [r.entry_ms for r in mine if r.role == VERIFIED and r.entry_ms > 0]
-    if verified:
-        return statistics.fmean(verified)
-    tuned = [r.entry.winner_ms for r in mine if r.role == TUNED and r.entry]
-    return min(tuned, default=math.inf)
+def _rank(
+    chash: str,
+    agreeing: Mapping[str, set[str]],
+    counting: list[ReportRecord],
+    tuned: Mapping[str, list[ReportRecord]],
+) -> tuple[int, bool, float, float, str]:
+    """The sort key of a config: the lowest is chosen.
+
+    A tuner's own ``winner_ms`` is not in it: a host can claim any time for
+    its own winner, so only times that other hosts measured count.
+    """
+    verified = [
+        r.entry_ms
+        for r in counting
+        if r.config_hash == chash and r.role == VERIFIED and r.entry_ms > 0
+    ]
+    return (
+        -len(agreeing.get(chash, ())),
+        not verified,
+        statistics.fmean(verified) if verified else 0.0,
+        min(r.at_s for r in tuned[chash]),
+        chash,
+    )
 
 
 def choose(
@@ -112,9 +143,11 @@ def choose(
     Agreement counts distinct hosts whose latest report on the slot tuned or
     accepted a config (what they run now); flagged hosts count for nothing,
     and a config only a flagged host tuned is never chosen (its entry would
-    come from that host). Ties in agreement go to
-    the lower time (mean verified ``entry_ms`` where hosts verified it, else
-    the tuners' ``winner_ms``), then to the lower config hash.
+    come from that host). Ties in agreement go, in this order, to a config
+    that another host verified with a time, to the lower mean verified
+    ``entry_ms``, to the config whose first tuned report reached the broker
+    earliest (``at_s``), then to the lower config hash. The tuners' own
+    ``winner_ms`` never decides: it is whatever the tuner claims.
 
     Returns:
         None when the slot has neither reports nor a pin.
@@ -152,10 +185,7 @@ def choose(
         )
     if not tuned:
         return Choice(slot_key, fingerprint_key, kernel, NO_CHOICE, None, template)
-    best = min(
-        tuned,
-        key=lambda c: (-len(agreeing.get(c, ())), _time_ms(c, counting), c),
-    )
+    best = min(tuned, key=lambda c: _rank(c, agreeing, counting, tuned))
     first = min(tuned[best], key=lambda r: (r.at_s, r.host_id))
     assert first.entry is not None
     entry = first.entry.with_agreement(len(agreeing.get(best, ())), pinned=False)

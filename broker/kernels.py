@@ -6,8 +6,14 @@ each entry, stores it per slot (``kernelstore``), chooses one config per
 slot and pushes it as ``Command.install_kernels`` to every connected agent
 with that hardware fingerprint that has not reported that config itself. A
 refused verdict flags the tuner: its reports stop counting and its later
-entries are refused. ``kernel_choice.choose`` is the pure decision;
-``KernelCatalog`` owns the I/O around it.
+entries are refused. A verdict counts only on an entry this broker sent that
+host, and a host only vouches for hardware its hello shows a GPU of.
+``kernel_choice.choose`` is the pure decision; ``KernelCatalog`` owns the
+I/O around it.
+
+Everything a peer sends is bounded: items per report (``MAX_REPORT_ITEMS``),
+tuned slots per host (``MAX_TUNED_PER_HOST``), and the text it stores or an
+operator reads (``clean_text``).
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from gpufleet.broker.kernel_choice import (
     NON_FLAGGING_CAUSES,
     SLOT_STATES,
     Choice,
+    cause_of,
     choose,
     latest_by_host,
     settled,
 )
 from gpufleet.broker.kernelstore import (
+    NEW,
     REFUSED,
     TUNED,
     VERIFIED,
@@ -52,16 +60,28 @@ from gpufleet.kernels.entry import (
     candidates_hash,
     config_hash,
 )
-from gpufleet.kernels.fingerprint import FingerprintError, HardwareFingerprint
+from gpufleet.kernels.fingerprint import (
+    FingerprintError,
+    HardwareFingerprint,
+    fingerprint_of,
+)
 from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 
 # As many fingerprints as a host may have GPUs (agents.MAX_GPUS_PER_HOST).
 MAX_FINGERPRINTS = 64
-# Entries, and verdicts, read from one report; the rest is refused. A report
-# of this size is about 400 KiB, a tenth of the message limit.
-MAX_REPORT_ITEMS = 1000
+# Entries and verdicts together read from one report; the rest is refused.
+# An agent sends at most 64; a report is decided under the catalog's lock,
+# so its size bounds how long other hosts' reports wait.
+MAX_REPORT_ITEMS = 200
+# Slots one host may hold tuned reports on, and configs it may have tuned in
+# one slot: a host reporting made-up tuning keys (or configs of a kernel the
+# broker has no candidate list for) would otherwise grow the catalog, and
+# every push to its peers, without end. An operator frees room by evicting
+# slots.
+MAX_TUNED_PER_HOST = 2000
+MAX_CONFIGS_PER_SLOT = 16
 # kernel.refused events written per report: a hostile agent can send many
 # bad entries, and every event is a stored row.
 MAX_REFUSAL_EVENTS = 20
@@ -71,7 +91,8 @@ INSTALL_CHUNK = 500
 MAX_REASON_CHARS = 1000
 _SLOT_KEY = re.compile(r"^[0-9a-f]{24}$")
 _CONFIG_HASH = re.compile(r"^[0-9a-f]{16}$")
-_CAUSE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+# (slot_key, config_hash, tuned_by) of an entry sent to a host.
+Sent = tuple[str, str, str]
 
 
 class KernelSlotNotFoundError(GpufleetError):
@@ -86,11 +107,16 @@ def read_fingerprints(
 ) -> dict[str, HardwareFingerprint]:
     """The valid kernel fingerprints of a hello, by key.
 
-    A malformed one (or one whose key does not match its fields) is left
+    A fingerprint is kept only when one of the hello's GPUs has that
+    hardware (vendor, product, compute capability, memory, driver major as
+    ``fingerprint_of`` reads them from the inventory): a host cannot receive
+    or vouch for configs of hardware it does not announce. A malformed one
+    (its key does not match its fields, or a field is not printable) is left
     out with a warning and counted; it never ends the session.
     """
     out: dict[str, HardwareFingerprint] = {}
     host_id = hello.host.host_id
+    hardware = {_hardware(fingerprint_of(gpu)) for gpu in hello.gpus}
     for index, message in enumerate(hello.kernel_fingerprints):
         if index >= MAX_FINGERPRINTS:
             metrics.count_rejected("bad-kernel-fingerprint")
@@ -105,20 +131,55 @@ def read_fingerprints(
             fingerprint = HardwareFingerprint.from_proto(message)
         except FingerprintError as exc:
             metrics.count_rejected("bad-kernel-fingerprint")
-            log.warning("kernel.bad_fingerprint", host_id=host_id, error=str(exc))
+            log.warning(
+                "kernel.bad_fingerprint", host_id=host_id, error=clean_text(str(exc))
+            )
+            continue
+        texts = [v for v in dataclasses.astuple(fingerprint) if isinstance(v, str)]
+        if not all(t.isprintable() for t in texts):
+            metrics.count_rejected("bad-kernel-fingerprint")
+            log.warning(
+                "kernel.bad_fingerprint",
+                host_id=host_id,
+                error="a field holds non-printable characters",
+            )
+            continue
+        if _hardware(fingerprint) not in hardware:
+            metrics.count_rejected("kernel-fingerprint-without-gpu")
+            log.warning(
+                "kernel.fingerprint_without_gpu",
+                host_id=host_id,
+                fingerprint_key=fingerprint.key,
+                gpus=len(hello.gpus),
+            )
             continue
         out[fingerprint.key] = fingerprint
     return out
 
 
+def _hardware(fingerprint: HardwareFingerprint) -> tuple[str, str, str, int, str]:
+    return (
+        fingerprint.vendor,
+        fingerprint.product,
+        fingerprint.compute_capability,
+        fingerprint.mem_total_gib,
+        fingerprint.driver_major,
+    )
+
+
+def clean_text(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """Peer-supplied text made safe to store and to print on a terminal.
+
+    Every non-printable character (NUL, ESC, CR, LF, other control and
+    format characters) becomes ``?`` and the text is cut to ``limit``
+    characters. PostgreSQL refuses NUL in text, and an escape sequence in a
+    reason would reach the operator's terminal through ``gpufleet kernels``.
+    """
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def _printable(text: str, limit: int = 64) -> str:
-    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return clean or "?"
-
-
-def _cause_of(reason: str) -> str:
-    cause = reason.split(":", 1)[0].strip()
-    return cause if _CAUSE.match(cause) else "unknown"
+    return clean_text(text, limit) or "?"
 
 
 def _verdict_problem(verdict: pb.KernelVerdict) -> str | None:
@@ -134,6 +195,50 @@ def _verdict_problem(verdict: pb.KernelVerdict) -> str | None:
         if not math.isfinite(value) or not 0 <= value <= 1e7:
             return f"{name}={value} is absurd"
     return None
+
+
+def _broker_error(host: HostState, exc: Exception) -> EntryRejected:
+    """The refusal of an entry the broker failed on; the failure is logged."""
+    log.error(
+        "kernel.entry_failed",
+        host_id=host.host_id,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return EntryRejected(
+        "broker-error",
+        f"{exc.__class__.__name__}: the broker could not process this entry; "
+        "see the broker's log",
+    )
+
+
+class _Quota:
+    """What one host may still add to the catalog (``MAX_TUNED_PER_HOST``
+    slots, ``MAX_CONFIGS_PER_SLOT`` configs in each)."""
+
+    def __init__(self, host_id: str, tuned: dict[str, set[str]]) -> None:
+        self.host_id = host_id
+        self.tuned = tuned
+
+    def take(self, entry: KernelEntry) -> None:
+        """Counts the entry; raises EntryRejected ``quota-exceeded`` when it
+        would add a slot, or a config to a slot, beyond the quota."""
+        configs = self.tuned.get(entry.slot_key)
+        if configs is not None and entry.config_hash in configs:
+            return  # known already: sent again, or tuned again
+        if configs is None and len(self.tuned) >= MAX_TUNED_PER_HOST:
+            raise EntryRejected(
+                "quota-exceeded",
+                f"host {self.host_id} holds tuned reports on {len(self.tuned)} "
+                f"slots, at most {MAX_TUNED_PER_HOST}; an operator frees room "
+                "with 'gpufleet kernels evict SLOT'",
+            )
+        if configs is not None and len(configs) >= MAX_CONFIGS_PER_SLOT:
+            raise EntryRejected(
+                "quota-exceeded",
+                f"host {self.host_id} tuned {len(configs)} configs of slot "
+                f"{entry.slot_key} already, at most {MAX_CONFIGS_PER_SLOT}",
+            )
+        self.tuned.setdefault(entry.slot_key, set()).add(entry.config_hash)
 
 
 # ---------------------------------------------------------------- catalog
@@ -163,6 +268,12 @@ class KernelCatalog:
         self.flags: dict[str, FlagRecord] = {}
         # Hosts sent the current choice of a slot since the broker started.
         self._pushed: dict[str, set[str]] = {}
+        # What each host was sent, by host: a verdict is taken only on an
+        # entry the host got from this broker. Filled by every push, and for
+        # a host's pushes before this broker started from its stored install
+        # commands, read once (``_sent_loaded``).
+        self._sent: dict[str, set[Sent]] = {}
+        self._sent_loaded: set[str] = set()
         # Reports, pins and evictions are decided one at a time: a slot is
         # read and decided again across awaits, and two interleaved decisions
         # could leave the older one in place.
@@ -205,7 +316,9 @@ class KernelCatalog:
             for slot_key, mine in reports.items():
                 latest = latest_by_host(mine).get(host.host_id)
                 choice = self.choices.get(slot_key)
-                if choice is not None and settled(choice.config_hash, latest):
+                if choice is not None and settled(
+                    choice.config_hash, latest, pinned=choice.pinned
+                ):
                     skip.add((slot_key, choice.config_hash or ""))
             await self._send_installs({host.host_id: self._lacking(host, skip)})
 
@@ -237,7 +350,7 @@ class KernelCatalog:
 
         Raises:
             StoreError: the database failed; nothing is acknowledged, so the
-                agent sends the report again after it reconnects.
+                agent sends the report again later.
         """
         async with self._lock:
             return await self._on_report(host, report)
@@ -247,34 +360,40 @@ class KernelCatalog:
     ) -> pb.KernelReportAck:
         now = self._clock()
         refused: list[str] = []
-        touched: set[str] = set()
-        for index, message in enumerate(report.entries):
+        entries = report.entries
+        accepted: list[KernelEntry] = []
+        tuned = await self.store.tuned_of_host(host.host_id) if entries else {}
+        quota = _Quota(host.host_id, tuned)
+        for message in entries[:MAX_REPORT_ITEMS]:
             slot_key = _printable(message.slot_key)
             try:
-                if index >= MAX_REPORT_ITEMS:
-                    raise EntryRejected(
-                        "bad-schema",
-                        f"a report holds at most {MAX_REPORT_ITEMS} entries; "
-                        "send the rest in the next one",
-                    )
                 entry = self._check_entry(host, message)
                 slot_key = entry.slot_key
-                await self._store_tuned(host, entry, now)
-                touched.add(slot_key)
+                quota.take(entry)
+                accepted.append(entry)
             except EntryRejected as exc:
-                refused.append(f"{slot_key}: {exc}")
+                refused.append(clean_text(f"{slot_key}: {exc}"))
                 await self._refused(host, slot_key, exc, emit=len(refused))
             except GpufleetError:
-                raise
+                raise  # the store failed: no ack, the agent sends it again
             except Exception as exc:
-                log.exception("kernel.entry_failed", host_id=host.host_id)
-                problem = EntryRejected(
-                    "broker-error",
-                    f"{exc.__class__.__name__}: the broker could not process "
-                    "this entry; see the broker's log",
-                )
-                refused.append(f"{slot_key}: {problem}")
+                problem = _broker_error(host, exc)
+                refused.append(clean_text(f"{slot_key}: {problem}"))
                 await self._refused(host, slot_key, problem, emit=len(refused))
+        if len(entries) > MAX_REPORT_ITEMS:
+            # One line for them all: a report can hold a great many tiny
+            # entries, and a line each would make the ack itself too big.
+            unread = len(entries) - MAX_REPORT_ITEMS
+            slot_key = _printable(entries[MAX_REPORT_ITEMS].slot_key)
+            problem = EntryRejected(
+                "bad-schema",
+                f"a report holds at most {MAX_REPORT_ITEMS} entries and verdicts "
+                f"together; this entry and {unread - 1} after it were not read, "
+                "send them in the next report",
+            )
+            refused.append(clean_text(f"{slot_key}: {problem}"))
+            await self._refused(host, slot_key, problem, emit=len(refused))
+        touched = await self._store_tuned(host, accepted, now)
         if refused:
             # One line per report: a hostile agent must not flood the log.
             log.warning(
@@ -285,17 +404,29 @@ class KernelCatalog:
                 events=min(len(refused), MAX_REFUSAL_EVENTS),
                 first=refused[0][:200],
             )
-        verdicts = list(report.verdicts)
-        if len(verdicts) > MAX_REPORT_ITEMS:
+        verdicts = report.verdicts
+        room = max(0, MAX_REPORT_ITEMS - len(entries))
+        if len(verdicts) > room:
             self.core.metrics.count_rejected("bad-kernel-verdict")
             log.warning(
                 "kernel.too_many_verdicts",
                 host_id=host.host_id,
+                entries=len(entries),
                 verdicts=len(verdicts),
-                kept=MAX_REPORT_ITEMS,
+                kept=room,
             )
-        for verdict in verdicts[:MAX_REPORT_ITEMS]:
-            touched |= await self._on_verdict(host, verdict, now)
+        for verdict in verdicts[:room]:
+            # One verdict the broker cannot process must not cost the others,
+            # nor the ack: unacked, the agent would send it again for ever.
+            try:
+                touched |= await self._on_verdict(host, verdict, now)
+            except Exception:
+                self.core.metrics.count_rejected("kernel-verdict-failed")
+                log.exception(
+                    "kernel.verdict_failed",
+                    host_id=host.host_id,
+                    slot_key=_printable(verdict.slot_key),
+                )
         if touched:
             await self._refresh(touched, reporters={host.host_id})
         return pb.KernelReportAck(report_id=report.report_id, refused=refused)
@@ -339,42 +470,62 @@ class KernelCatalog:
         return entry
 
     async def _store_tuned(
-        self, host: HostState, entry: KernelEntry, now: float
-    ) -> None:
-        if not await self.store.add_tuned(entry, host.host_id, now):
-            return  # sent again after a reconnect
-        self.core.metrics.count_kernel_report(TUNED)
-        await self.core.events.emit(
+        self, host: HostState, entries: list[KernelEntry], now: float
+    ) -> set[str]:
+        """Stores a report's accepted entries at once; returns their slots."""
+        if not entries:
+            return set()
+        outcomes = await self.store.add_tuned_many(entries, host.host_id, now)
+        touched: set[str] = set()
+        published: list[KernelEntry] = []
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            # Decided again even when known: a report that failed after it
+            # was stored (no ack) is decided when the agent sends it again.
+            touched.add(entry.slot_key)
+            if outcome == NEW:  # not sent again, nor the same config tuned
+                published.append(entry)  # again: news
+        for entry in published:
+            self.core.metrics.count_kernel_report(TUNED)
+            log.info(
+                "kernel.published",
+                host_id=host.host_id,
+                slot_key=entry.slot_key,
+                kernel=entry.kernel,
+                config_hash=entry.config_hash,
+            )
+        await self.core.events.emit_many(
             "kernel.published",
-            host_id=host.host_id,
+            [
+                (
+                    host.host_id,
+                    {
+                        "slot_key": e.slot_key,
+                        "kernel": e.kernel,
+                        "fingerprint_key": e.fingerprint.key,
+                        "tuning_key": e.tuning_key,
+                        "config": e.config,
+                        "config_hash": e.config_hash,
+                        "winner_ms": e.winner_ms,
+                        "default_ms": e.default_ms,
+                    },
+                )
+                for e in published
+            ],
             cause="tuned",
-            slot_key=entry.slot_key,
-            kernel=entry.kernel,
-            fingerprint_key=entry.fingerprint.key,
-            tuning_key=entry.tuning_key,
-            config=entry.config,
-            config_hash=entry.config_hash,
-            winner_ms=entry.winner_ms,
-            default_ms=entry.default_ms,
         )
-        log.info(
-            "kernel.published",
-            host_id=host.host_id,
-            slot_key=entry.slot_key,
-            kernel=entry.kernel,
-            config_hash=entry.config_hash,
-        )
+        return touched
 
     async def _refused(
         self, host: HostState, slot_key: str, problem: EntryRejected, *, emit: int
     ) -> None:
         self.core.metrics.count_kernel_refusal(problem.cause)
+        detail = clean_text(problem.detail)
         log.debug(
             "kernel.refused",
             host_id=host.host_id,
             slot_key=slot_key,
             cause=problem.cause,
-            detail=problem.detail,
+            detail=detail,
         )
         if emit <= MAX_REFUSAL_EVENTS:
             await self.core.events.emit(
@@ -383,7 +534,7 @@ class KernelCatalog:
                 cause=problem.cause,
                 source="broker",
                 slot_key=slot_key,
-                detail=problem.detail[:MAX_REASON_CHARS],
+                detail=detail,
             )
 
     async def _on_verdict(
@@ -399,6 +550,19 @@ class KernelCatalog:
             self.core.metrics.count_rejected("kernel-verdict-from-flagged")
             return set()
         slot_key = verdict.slot_key
+        sent = (slot_key, verdict.config_hash, verdict.tuned_by)
+        if not await self._was_sent(host.host_id, sent):
+            # Only a host that was sent an entry can judge it: otherwise any
+            # host could flag any tuner.
+            self.core.metrics.count_rejected("unsolicited-kernel-verdict")
+            log.debug(
+                "kernel.unsolicited_verdict",
+                host_id=host.host_id,
+                slot_key=slot_key,
+                config_hash=verdict.config_hash,
+                tuned_by=_printable(verdict.tuned_by),
+            )
+            return set()
         reports = (await self.store.reports_for_slots([slot_key])).get(slot_key, [])
         tuned = next(
             (
@@ -422,7 +586,7 @@ class KernelCatalog:
                 tuned_by=_printable(verdict.tuned_by),
             )
             return set()
-        reason = verdict.reason[:MAX_REASON_CHARS]
+        reason = clean_text(verdict.reason)
         changed = await self.store.add_verdict(
             tuned,
             host.host_id,
@@ -449,7 +613,7 @@ class KernelCatalog:
                 default_ms=verdict.default_ms,
             )
             return touched
-        cause = _cause_of(reason)
+        cause = cause_of(reason)
         await self.core.events.emit(
             "kernel.refused",
             host_id=host.host_id,
@@ -463,6 +627,22 @@ class KernelCatalog:
         if cause not in NON_FLAGGING_CAUSES:
             touched |= await self._flag(tuned, host.host_id, reason, cause, now)
         return touched
+
+    async def _was_sent(self, host_id: str, sent: Sent) -> bool:
+        """Whether this broker sent the host that entry, now or before it
+        started (its stored install commands, in any state)."""
+        pairs = self._sent.setdefault(host_id, set())
+        if sent in pairs:
+            return True
+        if host_id not in self._sent_loaded:
+            for record in await self.core.store.commands_of_kind(
+                host_id, "install_kernels"
+            ):
+                command = pb.Command.FromString(record.payload)
+                for e in command.install_kernels.entries:
+                    pairs.add((e.slot_key, config_hash(dict(e.config)), e.tuned_by))
+            self._sent_loaded.add(host_id)
+        return sent in pairs
 
     async def _flag(
         self, tuned: ReportRecord, verifier: str, reason: str, cause: str, now: float
@@ -567,7 +747,9 @@ class KernelCatalog:
             if h.outbox is not None
             and (only is None or h.host_id in only)
             and choice.fingerprint_key in h.kernel_fingerprints
-            and not settled(choice.config_hash, latest.get(h.host_id))
+            and not settled(
+                choice.config_hash, latest.get(h.host_id), pinned=choice.pinned
+            )
         )
 
     async def _send_installs(self, pushes: Mapping[str, list[KernelEntry]]) -> None:
@@ -584,10 +766,13 @@ class KernelCatalog:
                         entries=[e.to_proto() for e in chunk]
                     ),
                 )
-                await self.core.send_command(host, command, action_id=None)
-                self.core.metrics.count_kernel_pushes(len(chunk))
+                # Noted first: the agent may answer before send_command returns.
+                sent = self._sent.setdefault(host_id, set())
                 for entry in chunk:
+                    sent.add((entry.slot_key, entry.config_hash, entry.tuned_by))
                     self._pushed.setdefault(entry.slot_key, set()).add(host_id)
+                self.core.metrics.count_kernel_pushes(len(chunk))
+                await self.core.send_command(host, command, action_id=None)
             if entries:
                 log.info("kernel.pushed", host_id=host_id, entries=len(entries))
 

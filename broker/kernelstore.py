@@ -27,6 +27,10 @@ TUNED = "tuned"
 VERIFIED = "verified"
 REFUSED = "refused"
 ROLES = (TUNED, VERIFIED, REFUSED)
+# What storing a tuned report did (``KernelStore.add_tuned_many``).
+NEW = "new"
+NEWER = "newer"
+KNOWN = "known"
 # Rows fetched per IN (...) query; far below the parameter limits of SQLite
 # (32766) and PostgreSQL (65535).
 QUERY_CHUNK = 500
@@ -177,29 +181,75 @@ class KernelStore:
         A tuned report replaces a verdict the same host gave on the same
         config: having tuned it is the stronger statement.
         """
-        key = (entry.slot_key, entry.config_hash, host_id)
+        [outcome] = await self.add_tuned_many([entry], host_id, at_s)
+        return outcome != KNOWN
+
+    async def add_tuned_many(
+        self, entries: list[KernelEntry], host_id: str, at_s: float
+    ) -> list[str]:
+        """Stores a host's tuned winners in one transaction.
+
+        Returns, per entry, ``NEW`` (a config this host had not tuned for
+        that slot, or had only given a verdict on), ``NEWER`` (tuned again
+        later: its ``tuned_at_s`` grew) or ``KNOWN`` (the same report sent
+        again, or a duplicate earlier in ``entries``).
+        """
+        if not entries:
+            return []
+        slots = {e.slot_key for e in entries}
+        outcomes: list[str] = []
         async with self._store._write() as session:
-            row = await session.get(_KernelReportRow, key, with_for_update=True)
-            if row is not None and row.role == TUNED:
-                known = (row.entry or {}).get("tuned_at_s", 0.0)
-                if entry.tuned_at_s <= known:
-                    return False  # the same report, sent again
-                # Tuned again later: what the host runs now, so it is newer.
-            if row is None:
-                row = _KernelReportRow(
-                    slot_key=key[0], config_hash=key[1], host_id=host_id
+            rows: dict[tuple[str, str], _KernelReportRow] = {}
+            for chunk in _chunks(slots):
+                query = (
+                    select(_KernelReportRow)
+                    .where(
+                        _KernelReportRow.host_id == host_id,
+                        _KernelReportRow.slot_key.in_(chunk),
+                    )
+                    .with_for_update()
                 )
-                session.add(row)
-            row.role = TUNED
-            row.fingerprint_key = entry.fingerprint.key
-            row.kernel = entry.kernel
-            row.tuned_by = host_id
-            row.entry = entry.to_dict()
-            row.entry_ms = entry.winner_ms
-            row.default_ms = entry.default_ms
-            row.at_s = at_s
-            row.reason = ""
-        return True
+                for row in await session.scalars(query):
+                    rows[(row.slot_key, row.config_hash)] = row
+            for entry in entries:
+                key = (entry.slot_key, entry.config_hash)
+                row = rows.get(key)
+                outcome = NEW
+                if row is not None and row.role == TUNED:
+                    known = (row.entry or {}).get("tuned_at_s", 0.0)
+                    if entry.tuned_at_s <= known:
+                        outcomes.append(KNOWN)  # the same report, sent again
+                        continue
+                    # Tuned again later: what the host runs now, so it is newer.
+                    outcome = NEWER
+                if row is None:
+                    row = _KernelReportRow(
+                        slot_key=key[0], config_hash=key[1], host_id=host_id
+                    )
+                    session.add(row)
+                    rows[key] = row
+                row.role = TUNED
+                row.fingerprint_key = entry.fingerprint.key
+                row.kernel = entry.kernel
+                row.tuned_by = host_id
+                row.entry = entry.to_dict()
+                row.entry_ms = entry.winner_ms
+                row.default_ms = entry.default_ms
+                row.at_s = at_s
+                row.reason = ""
+                outcomes.append(outcome)
+        return outcomes
+
+    async def tuned_of_host(self, host_id: str) -> dict[str, set[str]]:
+        """The config hashes a host tuned, by slot."""
+        query = select(_KernelReportRow.slot_key, _KernelReportRow.config_hash).where(
+            _KernelReportRow.host_id == host_id, _KernelReportRow.role == TUNED
+        )
+        out: dict[str, set[str]] = {}
+        async with self._store._read() as session:
+            for slot_key, chash in await session.execute(query):
+                out.setdefault(slot_key, set()).add(chash)
+        return out
 
     async def add_verdict(
         self,

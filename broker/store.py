@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -641,6 +641,36 @@ class Store:
             await session.flush()
         return _to_record(EventRecord, row)
 
+    async def add_events(
+        self,
+        kind: str,
+        events: Sequence[tuple[str, Mapping[str, Any]]],
+        *,
+        cause: str = "",
+        at_s: float,
+    ) -> list[EventRecord]:
+        """Appends events of one kind, each ``(host_id, data)``, in one
+        transaction; ids grow in the order given."""
+        rows = [
+            _EventRow(
+                at_s=at_s,
+                kind=kind,
+                host_id=host_id,
+                gpu_uuid="",
+                cause=cause,
+                data=json.loads(json.dumps(dict(data), default=str)),
+            )
+            for host_id, data in events
+        ]
+        if not rows:
+            return []
+        async with self._event_lock, self._write() as session:
+            for row in rows:
+                # One by one: the ids must follow the order of the rows.
+                session.add(row)
+                await session.flush()
+        return [_to_record(EventRecord, row) for row in rows]
+
     async def list_events(
         self,
         since_id: int = 0,
@@ -796,6 +826,16 @@ class Store:
                 _CommandRow.host_id == host_id,
                 _CommandRow.state.in_(PENDING_COMMAND_STATES),
             )
+            .order_by(_CommandRow.issued_at_s, _CommandRow.command_id)
+        )
+        async with self._read() as session:
+            return [_to_record(CommandRecord, r) for r in await session.scalars(query)]
+
+    async def commands_of_kind(self, host_id: str, kind: str) -> list[CommandRecord]:
+        """Every command of one kind sent to a host, in any state, oldest first."""
+        query = (
+            select(_CommandRow)
+            .where(_CommandRow.host_id == host_id, _CommandRow.kind == kind)
             .order_by(_CommandRow.issued_at_s, _CommandRow.command_id)
         )
         async with self._read() as session:

@@ -163,6 +163,13 @@ def kernels() -> None:
 )
 @click.option("--kernel", default="", help="Only this kernel.")
 @click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Most slots to show from the broker (it caps this at 5000).",
+)
+@click.option(
     "--local", is_flag=True, help="Read this host's kernel cache, not the broker."
 )
 @click.option(
@@ -178,6 +185,7 @@ def list_kernels(
     opts: ClientOptions,
     fingerprint_key: str,
     kernel: str,
+    limit: int,
     local: bool,
     cache_dir: Path | None,
 ) -> None:
@@ -187,12 +195,20 @@ def list_kernels(
     if local:
         _list_local(opts, _open_cache(cache_dir), fingerprint_key, kernel)
         return
-    request = pb.ListKernelsRequest(fingerprint_key=fingerprint_key, kernel=kernel)
+    request = pb.ListKernelsRequest(
+        fingerprint_key=fingerprint_key, kernel=kernel, limit=min(limit, 2**32 - 1)
+    )
     resp = _call(opts, "ListKernels", request)
     flagged = _flagged(list(resp.flagged_hosts))
+    # A broker of an older release leaves total_slots at 0.
+    total = max(resp.total_slots, len(resp.slots))
     if opts.json:
         print_json(
-            {"slots": [to_dict(v) for v in resp.slots], "flagged_hosts": flagged}
+            {
+                "slots": [to_dict(v) for v in resp.slots],
+                "total_slots": total,
+                "flagged_hosts": flagged,
+            }
         )
         return
     rows = []
@@ -219,7 +235,14 @@ def list_kernels(
             ["HOST", "REASON"],
             [[f["host_id"], f["reason"]] for f in flagged],
         )
-    click.echo(f"{len(rows)} slots, {len(flagged)} flagged hosts", err=True)
+    if total > len(rows):
+        click.echo(
+            f"showing {len(rows)} of {total} slots (raise --limit, or narrow with "
+            f"--fingerprint or --kernel), {len(flagged)} flagged hosts",
+            err=True,
+        )
+    else:
+        click.echo(f"{len(rows)} slots, {len(flagged)} flagged hosts", err=True)
 
 
 def _matches(entry: KernelEntry | None, fingerprint_key: str, kernel: str) -> bool:

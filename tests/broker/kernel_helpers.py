@@ -87,11 +87,33 @@ def verdict_on(
     )
 
 
+def gpu_of(fingerprint: pb.KernelFingerprint, index: int = 0) -> pb.GpuInfo:
+    """A GPU whose inventory gives ``fingerprint`` (its hardware fields)."""
+    return pb.GpuInfo(
+        uuid=f"GPU-{fingerprint.key or 'x'}-{index}",
+        index=index,
+        name=fingerprint.product,
+        vendor=fingerprint.vendor,
+        driver_version=f"{fingerprint.driver_major}.54.03",
+        compute_capability=fingerprint.compute_capability,
+        mem_total_bytes=fingerprint.mem_total_gib * 1024**3,
+    )
+
+
 class RawAgent:
-    """An agent stream driven by hand: hello, reports, and what comes back."""
+    """An agent stream driven by hand: hello, reports, and what comes back.
+
+    The hello announces one GPU per fingerprint, with the hardware the
+    fingerprint names, unless ``gpus`` says otherwise.
+    """
 
     def __init__(
-        self, addr: str, host_id: str, fingerprints: list[Any] | None = None
+        self,
+        addr: str,
+        host_id: str,
+        fingerprints: list[Any] | None = None,
+        *,
+        gpus: list[pb.GpuInfo] | None = None,
     ) -> None:
         self.addr = addr
         self.host_id = host_id
@@ -99,6 +121,11 @@ class RawAgent:
             f.to_proto() if isinstance(f, HardwareFingerprint) else f
             for f in (fingerprints or [])
         ]
+        self.gpus = (
+            [gpu_of(f, i) for i, f in enumerate(self.fingerprints)]
+            if gpus is None
+            else gpus
+        )
         self.inbox: list[pb.BrokerMessage] = []
         self._arrived = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
@@ -112,6 +139,7 @@ class RawAgent:
             agent_version="0.1.0",
             protocol_version=PROTOCOL_VERSION,
             host=pb.HostIdentity(host_id=self.host_id, hostname=self.host_id),
+            gpus=self.gpus,
             kernel_fingerprints=self.fingerprints,
         )
         await self._call.write(pb.AgentMessage(hello=hello))

@@ -130,3 +130,40 @@ async def test_event_bus_emit_with_unreachable_mqtt_still_succeeds(
         await bus.emit("host.connected")
     assert publisher.queued == 2
     assert publisher.dropped_total == 1
+
+
+async def test_event_bus_emit_many_stores_in_order_in_one_write(store: Store) -> None:
+    """A burst of events is one transaction; ids and delivery keep its order."""
+    bus = EventBus(store, clock=FakeClock(77.0))
+    await bus.emit("host.connected", host_id="h0")
+    follower = bus.subscribe(since_id=1)
+    writes = 0
+    real_write = store._write
+
+    def counting_write() -> object:
+        nonlocal writes
+        writes += 1
+        return real_write()
+
+    store._write = counting_write  # type: ignore[method-assign]
+    try:
+        records = await bus.emit_many(
+            "kernel.published",
+            [(f"h{n}", {"n": n}) for n in range(30)],
+            cause="tuned",
+        )
+        assert await bus.emit_many("kernel.published", []) == []
+    finally:
+        store._write = real_write  # type: ignore[method-assign]
+    assert writes == 1
+    assert [r.data["n"] for r in records] == list(range(30))
+    ids = [r.id for r in records]
+    assert ids == sorted(ids)
+    assert ids[0] > 1
+    assert {(r.kind, r.cause, r.at_s) for r in records} == {
+        ("kernel.published", "tuned", 77.0)
+    }
+    assert await store.list_events(since_id=1) == records
+    assert await _take(follower, 30) == records
+    with pytest.raises(ValueError, match="dotted lowercase"):
+        await bus.emit_many("Published", [("h", {})])

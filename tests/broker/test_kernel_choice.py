@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gpufleet.broker.kernel_choice import choose
+from gpufleet.broker.kernel_choice import cause_of, choose, settled
 from gpufleet.broker.kernelstore import (
     REFUSED,
     TUNED,
@@ -18,6 +18,8 @@ from tests.broker.kernel_helpers import MATMUL, make_entry
 
 X, Y, Z = MATMUL[1], MATMUL[2], MATMUL[3]
 SLOT = make_entry(X).slot_key
+# The config of X and Y that wins when nothing else tells them apart.
+LOWER_HASH = min((X, Y), key=lambda c: make_entry(c).config_hash)
 
 
 def tuned(
@@ -67,12 +69,41 @@ def verdict(
     [
         pytest.param([tuned("a", X, 2.0)], set(), "agreed", X, 1, id="one-tuner"),
         pytest.param(
-            [tuned("a", X, 2.0), tuned("b", Y, 1.0)],
+            [tuned("a", X, 2.0, at_s=1.0), tuned("b", Y, 1e-300, at_s=2.0)],
+            set(),
+            "disputed",
+            X,
+            1,
+            id="first-report-breaks-a-tie-a-claimed-time-never-does",
+        ),
+        pytest.param(
+            [tuned("a", X, 2.0, at_s=2.0), tuned("b", Y, 3.0, at_s=1.0)],
             set(),
             "disputed",
             Y,
             1,
-            id="speed-breaks-a-tie",
+            id="first-report-wins-whichever-config-it-is",
+        ),
+        pytest.param(
+            [tuned("a", X, 1.0), tuned("b", Y, 2.0)],
+            set(),
+            "disputed",
+            LOWER_HASH,
+            1,
+            id="config-hash-breaks-the-last-tie",
+        ),
+        pytest.param(
+            [
+                tuned("a", X, 1e-300, at_s=0.0),
+                tuned("b", X, 1e-300, at_s=0.0),
+                tuned("c", Y, 5.0, at_s=3.0),
+                verdict("d", Y, "c", ms=4.0),
+            ],
+            set(),
+            "disputed",
+            Y,
+            2,
+            id="a-verified-time-beats-none",
         ),
         pytest.param(
             [tuned("a", X, 2.0), tuned("b", Y, 1.0), verdict("c", X, "a")],
@@ -96,7 +127,11 @@ def verdict(
             id="verified-time-beats-tuner-time",
         ),
         pytest.param(
-            [tuned("a", X, 2.0), tuned("b", Y, 1.0), verdict("c", Y, "b", ok=False)],
+            [
+                tuned("a", X, 2.0, at_s=2.0),
+                tuned("b", Y, 1.0, at_s=1.0),
+                verdict("c", Y, "b", ok=False),
+            ],
             set(),
             "disputed",
             Y,
@@ -193,8 +228,6 @@ def test_a_host_agrees_with_what_it_reported_last() -> None:
 
 
 def test_only_a_real_refusal_settles_a_host() -> None:
-    from gpufleet.broker.kernel_choice import settled
-
     chosen = make_entry(X).config_hash
     refused = verdict("b", X, "a", ok=False)
     crashed = dataclasses.replace(refused, reason="verify-failed: the verifier hung")
@@ -203,3 +236,36 @@ def test_only_a_real_refusal_settles_a_host() -> None:
     assert settled(chosen, verdict("b", X, "a"))
     assert not settled(chosen, tuned("b", Y, 1.0))
     assert not settled(chosen, None)
+
+
+def test_a_pin_settles_only_a_host_that_runs_it() -> None:
+    """A pinned config goes to refusers too: they verify it again."""
+    chosen = make_entry(X).config_hash
+    refused = verdict("b", X, "a", ok=False)
+    assert not settled(chosen, refused, pinned=True)
+    assert settled(chosen, verdict("b", X, "a"), pinned=True)
+    assert settled(chosen, tuned("b", X, 1.0), pinned=True)
+    assert not settled(chosen, tuned("b", Y, 1.0), pinned=True)
+
+
+@pytest.mark.parametrize(
+    ("reason", "cause"),
+    [
+        ("verify-failed: timed out", "verify-failed"),
+        ("verify-failed-xyz: made up", "verify-failed-xyz"),
+        ("verify-failedxyz", "verify-failedxyz"),
+        (" sender-flagged : a1", "sender-flagged"),
+        ("Verify-Failed: x", "unknown"),
+        ("\x1b[2J: x", "unknown"),
+        ("", "unknown"),
+    ],
+)
+def test_cause_is_the_exact_word_before_the_colon(reason: str, cause: str) -> None:
+    assert cause_of(reason) == cause
+
+
+def test_a_cause_that_only_starts_like_verify_failed_is_a_real_refusal() -> None:
+    chosen = make_entry(X).config_hash
+    refused = verdict("b", X, "a", ok=False)
+    for reason in ("verify-failed-xyz: x", "verify-failedx", "sender-flagged2: y"):
+        assert settled(chosen, dataclasses.replace(refused, reason=reason)), reason

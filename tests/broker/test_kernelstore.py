@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from gpufleet.broker.kernelstore import FlagRecord, KernelStore
+from gpufleet.broker.kernelstore import KNOWN, NEW, NEWER, FlagRecord, KernelStore
 from gpufleet.broker.store import Store
 from tests.broker.kernel_helpers import MATMUL, make_entry
 
@@ -104,3 +106,67 @@ async def test_kernelstore_pins_flags_and_deletes_survive_reopen(db_url: str) ->
         assert "a" in await ks.flags()  # flags are per host, not per slot
     finally:
         await second.close()
+
+
+async def test_kernelstore_writes_a_batch_of_tuned_reports_in_one_transaction(
+    kstore: KernelStore,
+) -> None:
+    store = kstore._store
+    writes = 0
+    real_write = store._write
+
+    def counting_write() -> Any:
+        nonlocal writes
+        writes += 1
+        return real_write()
+
+    entries = [make_entry(tuning_key=f"M={n},N=8,K=8") for n in range(50)]
+    first = entries[0]
+    bumped = dataclasses.replace(first, tuned_at_s=first.tuned_at_s + 10)
+    store._write = counting_write  # type: ignore[method-assign]
+    try:
+        outcomes = await kstore.add_tuned_many([*entries, first], "a", 1.0)
+        assert writes == 1
+        assert outcomes == [NEW] * 50 + [KNOWN]
+        again = await kstore.add_tuned_many(
+            [bumped, entries[1], make_entry(MATMUL[2], tuning_key="M=1,N=8,K=8")],
+            "a",
+            2.0,
+        )
+        assert writes == 2
+    finally:
+        store._write = real_write  # type: ignore[method-assign]
+    assert again == [NEWER, KNOWN, NEW]
+    tuned = await kstore.tuned_of_host("a")
+    assert len(tuned) == 50
+    assert tuned[entries[1].slot_key] == {
+        entries[1].config_hash,
+        make_entry(MATMUL[2]).config_hash,
+    }
+    reports = (await kstore.reports_for_slots([first.slot_key]))[first.slot_key]
+    assert [(r.at_s, r.entry.tuned_at_s if r.entry else 0) for r in reports] == [
+        (2.0, bumped.tuned_at_s)
+    ]
+    assert await kstore.tuned_of_host("b") == {}
+
+
+async def test_store_lists_a_hosts_commands_of_one_kind_in_any_state(
+    db_url: str,
+) -> None:
+    store = Store(db_url)
+    await store.open()
+    try:
+        await store.add_command("c1", "h", "install_kernels", b"1", 1.0)
+        await store.add_command("c2", "h", "evict_kernels", b"2", 2.0)
+        await store.add_command("c3", "h", "install_kernels", b"3", 3.0)
+        await store.add_command("c4", "other", "install_kernels", b"4", 4.0)
+        await store.set_command_state("c1", "done")
+        await store.set_command_state("c3", "failed", "no")
+        found = await store.commands_of_kind("h", "install_kernels")
+        assert [(c.command_id, c.state) for c in found] == [
+            ("c1", "done"),
+            ("c3", "failed"),
+        ]
+        assert await store.pending_commands("h") == [await store.get_command("c2")]
+    finally:
+        await store.close()

@@ -798,12 +798,14 @@ class EvictKernels(_message.Message):
     def __init__(self, slot_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListKernelsRequest(_message.Message):
-    __slots__ = ("fingerprint_key", "kernel")
+    __slots__ = ("fingerprint_key", "kernel", "limit")
     FINGERPRINT_KEY_FIELD_NUMBER: _ClassVar[int]
     KERNEL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     fingerprint_key: str
     kernel: str
-    def __init__(self, fingerprint_key: _Optional[str] = ..., kernel: _Optional[str] = ...) -> None: ...
+    limit: int
+    def __init__(self, fingerprint_key: _Optional[str] = ..., kernel: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class KernelReportView(_message.Message):
     __slots__ = ("host_id", "role", "config_hash", "config", "entry_ms", "default_ms", "at_s", "reason")
@@ -845,12 +847,14 @@ class KernelSlotView(_message.Message):
     def __init__(self, chosen: _Optional[_Union[KernelEntry, _Mapping]] = ..., state: _Optional[str] = ..., reports: _Optional[_Iterable[_Union[KernelReportView, _Mapping]]] = ..., hosts_pushed: _Optional[int] = ...) -> None: ...
 
 class ListKernelsResponse(_message.Message):
-    __slots__ = ("slots", "flagged_hosts")
+    __slots__ = ("slots", "flagged_hosts", "total_slots")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[KernelSlotView]
     flagged_hosts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, slots: _Optional[_Iterable[_Union[KernelSlotView, _Mapping]]] = ..., flagged_hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+    total_slots: int
+    def __init__(self, slots: _Optional[_Iterable[_Union[KernelSlotView, _Mapping]]] = ..., flagged_hosts: _Optional[_Iterable[str]] = ..., total_slots: _Optional[int] = ...) -> None: ...
 
 class KernelRequest(_message.Message):
     __slots__ = ("slot_key",)
