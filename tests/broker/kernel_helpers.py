@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import itertools
 import time
+import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -15,6 +17,7 @@ from gpufleet.kernels.candidates import candidates_for
 from gpufleet.kernels.entry import KernelEntry, candidates_hash, config_hash
 from gpufleet.kernels.fingerprint import HardwareFingerprint
 from gpufleet.proto import PROTOCOL_VERSION, pb, rpc
+from tests.e2e.conftest import BrokerHandle
 
 A10G = HardwareFingerprint(
     vendor="nvidia",
@@ -219,3 +222,20 @@ def _kind(message: pb.BrokerMessage) -> str:
     if body == "command":
         return message.command.WhichOneof("action") or ""
     return body
+
+
+Factory = Callable[..., Awaitable[BrokerHandle]]
+
+
+async def admin_call(broker: BrokerHandle, method: str, request: Any) -> Any:
+    return await broker.admin().call(method, request)
+
+
+async def metrics_text(broker: BrokerHandle) -> str:
+    url = f"http://127.0.0.1:{broker.metrics_port}/metrics"
+
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return str(reply.read().decode())
+
+    return await asyncio.to_thread(fetch)

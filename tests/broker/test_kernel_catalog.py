@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -22,43 +20,18 @@ from tests.broker.kernel_helpers import (
     A10G,
     H100,
     MATMUL,
+    Factory,
     RawAgent,
     make_entry,
     verdict_on,
 )
-from tests.e2e.conftest import BrokerHandle, events_of, start_broker
-
-Factory = Callable[..., Awaitable[BrokerHandle]]
-
-
-@pytest.fixture
-async def brokers(tmp_path: Path) -> AsyncIterator[Factory]:
-    """Starts brokers on one state folder; stops the ones still running."""
-    started: list[BrokerHandle] = []
-
-    async def make(**kwargs: Any) -> BrokerHandle:
-        handle = await start_broker(tmp_path, **kwargs)
-        started.append(handle)
-        return handle
-
-    yield make
-    for handle in started:
-        if not handle.task.done():
-            await handle.shutdown()
-
-
-async def _admin(broker: BrokerHandle, method: str, request: Any) -> Any:
-    return await broker.admin().call(method, request)
-
-
-async def _metrics(broker: BrokerHandle) -> str:
-    url = f"http://127.0.0.1:{broker.metrics_port}/metrics"
-
-    def fetch() -> str:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return str(reply.read().decode())
-
-    return await asyncio.to_thread(fetch)
+from tests.broker.kernel_helpers import (
+    admin_call as _admin,
+)
+from tests.broker.kernel_helpers import (
+    metrics_text as _metrics,
+)
+from tests.e2e.conftest import events_of
 
 
 async def test_catalog_pushes_entry_to_same_hardware_only_and_to_late_joiners(

@@ -3,13 +3,9 @@ fingerprints, control characters, and the limits that bound them."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,44 +17,19 @@ from tests.broker.kernel_helpers import (
     A10G,
     H100,
     MATMUL,
+    Factory,
     RawAgent,
     gpu_of,
     make_entry,
     verdict_on,
 )
-from tests.e2e.conftest import BrokerHandle, events_of, eventually, start_broker
-
-Factory = Callable[..., Awaitable[BrokerHandle]]
-
-
-@pytest.fixture
-async def brokers(tmp_path: Path) -> AsyncIterator[Factory]:
-    """Starts brokers on one state folder; stops the ones still running."""
-    started: list[BrokerHandle] = []
-
-    async def make(**kwargs: Any) -> BrokerHandle:
-        handle = await start_broker(tmp_path, **kwargs)
-        started.append(handle)
-        return handle
-
-    yield make
-    for handle in started:
-        if not handle.task.done():
-            await handle.shutdown()
-
-
-async def _admin(broker: BrokerHandle, method: str, request: Any) -> Any:
-    return await broker.admin().call(method, request)
-
-
-async def _metrics(broker: BrokerHandle) -> str:
-    url = f"http://127.0.0.1:{broker.metrics_port}/metrics"
-
-    def fetch() -> str:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return str(reply.read().decode())
-
-    return await asyncio.to_thread(fetch)
+from tests.broker.kernel_helpers import (
+    admin_call as _admin,
+)
+from tests.broker.kernel_helpers import (
+    metrics_text as _metrics,
+)
+from tests.e2e.conftest import BrokerHandle, events_of, eventually
 
 
 def _metric(text: str, prefix: str) -> float:
