@@ -125,10 +125,7 @@ class EventBus:
             ValueError: ``kind`` is not dotted lowercase.
             StoreError: the store is not open.
         """
-        if not KIND_PATTERN.match(kind):
-            raise ValueError(
-                f"event kind {kind!r} is not dotted lowercase, e.g. 'host.lost'"
-            )
+        _check_kind(kind)
         when_s = self._clock() if at_s is None else at_s
         async with self._lock:
             record = await self.store.add_event(
@@ -139,14 +136,7 @@ class EventBus:
                 data=data,
                 at_s=when_s,
             )
-            for sub in list(self._subscriptions):
-                if not sub.offer(record):
-                    self._subscriptions.discard(sub)
-                    log.warning(
-                        "events.subscriber-dropped",
-                        limit=sub.limit,
-                        event_id=record.id,
-                    )
+            self._offer(record)
         self._publish(record)
         log.debug("events.emitted", id=record.id, kind=kind, host_id=host_id)
         return record
@@ -169,28 +159,29 @@ class EventBus:
             ValueError: ``kind`` is not dotted lowercase.
             StoreError: the store is not open.
         """
-        if not KIND_PATTERN.match(kind):
-            raise ValueError(
-                f"event kind {kind!r} is not dotted lowercase, e.g. 'host.lost'"
-            )
+        _check_kind(kind)
         when_s = self._clock() if at_s is None else at_s
         async with self._lock:
             records = await self.store.add_events(
                 kind, events, cause=cause, at_s=when_s
             )
             for record in records:
-                for sub in list(self._subscriptions):
-                    if not sub.offer(record):
-                        self._subscriptions.discard(sub)
-                        log.warning(
-                            "events.subscriber-dropped",
-                            limit=sub.limit,
-                            event_id=record.id,
-                        )
+                self._offer(record)
         for record in records:
             self._publish(record)
         log.debug("events.emitted", kind=kind, events=len(records))
         return records
+
+    def _offer(self, record: EventRecord) -> None:
+        """Hands a stored event to every follower; drops those that lag."""
+        for sub in list(self._subscriptions):
+            if not sub.offer(record):
+                self._subscriptions.discard(sub)
+                log.warning(
+                    "events.subscriber-dropped",
+                    limit=sub.limit,
+                    event_id=record.id,
+                )
 
     def _publish(self, record: EventRecord) -> None:
         if self.publisher is None:
@@ -244,3 +235,10 @@ class EventBus:
             sub.closed = True
             sub.wake.set()
         self._subscriptions.clear()
+
+
+def _check_kind(kind: str) -> None:
+    if not KIND_PATTERN.match(kind):
+        raise ValueError(
+            f"event kind {kind!r} is not dotted lowercase, e.g. 'host.lost'"
+        )
