@@ -272,7 +272,7 @@ class PreemptionNoticeReport(_message.Message):
     def __init__(self, provider: _Optional[str] = ..., kind: _Optional[str] = ..., action: _Optional[str] = ..., key: _Optional[str] = ..., deadline_s: _Optional[float] = ..., detected_at_s: _Optional[float] = ..., evacuate: _Optional[bool] = ..., detail: _Optional[str] = ..., raw_json: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "env", "gpus", "hardware", "labels", "checkpoint_url", "workdir")
+    __slots__ = ("name", "argv", "env", "gpus", "hardware", "labels", "checkpoint_url", "workdir", "policy", "deadline_s", "max_usd_per_hour", "work_hours", "accelerator")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +295,11 @@ class JobSpec(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_URL_FIELD_NUMBER: _ClassVar[int]
     WORKDIR_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    WORK_HOURS_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -303,7 +308,12 @@ class JobSpec(_message.Message):
     labels: _containers.ScalarMap[str, str]
     checkpoint_url: str
     workdir: str
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., hardware: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., checkpoint_url: _Optional[str] = ..., workdir: _Optional[str] = ...) -> None: ...
+    policy: str
+    deadline_s: float
+    max_usd_per_hour: float
+    work_hours: float
+    accelerator: str
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., hardware: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., checkpoint_url: _Optional[str] = ..., workdir: _Optional[str] = ..., policy: _Optional[str] = ..., deadline_s: _Optional[float] = ..., max_usd_per_hour: _Optional[float] = ..., work_hours: _Optional[float] = ..., accelerator: _Optional[str] = ...) -> None: ...
 
 class StartJob(_message.Message):
     __slots__ = ("job_id", "spec", "gpu_uuids", "resume_from", "attempt")
@@ -401,6 +411,116 @@ class CommandResult(_message.Message):
     killed_pids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, command_id: _Optional[str] = ..., status: _Optional[_Union[CommandStatus, str]] = ..., detail: _Optional[str] = ..., terminated_pids: _Optional[_Iterable[int]] = ..., killed_pids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Offer(_message.Message):
+    __slots__ = ("provider", "region", "zone", "instance_type", "lifecycle", "usd_per_hour", "gpus", "accelerator", "interruption_band", "hourly_risk", "source", "observed_at_s", "score")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPTION_BAND_FIELD_NUMBER: _ClassVar[int]
+    HOURLY_RISK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    region: str
+    zone: str
+    instance_type: str
+    lifecycle: str
+    usd_per_hour: float
+    gpus: int
+    accelerator: str
+    interruption_band: str
+    hourly_risk: float
+    source: str
+    observed_at_s: float
+    score: float
+    def __init__(self, provider: _Optional[str] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ..., instance_type: _Optional[str] = ..., lifecycle: _Optional[str] = ..., usd_per_hour: _Optional[float] = ..., gpus: _Optional[int] = ..., accelerator: _Optional[str] = ..., interruption_band: _Optional[str] = ..., hourly_risk: _Optional[float] = ..., source: _Optional[str] = ..., observed_at_s: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ListOffersRequest(_message.Message):
+    __slots__ = ("provider", "region", "instance_type", "lifecycle", "limit", "refresh", "accelerator")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    region: str
+    instance_type: str
+    lifecycle: str
+    limit: int
+    refresh: bool
+    accelerator: str
+    def __init__(self, provider: _Optional[str] = ..., region: _Optional[str] = ..., instance_type: _Optional[str] = ..., lifecycle: _Optional[str] = ..., limit: _Optional[int] = ..., refresh: _Optional[bool] = ..., accelerator: _Optional[str] = ...) -> None: ...
+
+class ListOffersResponse(_message.Message):
+    __slots__ = ("offers", "refreshed_at_s", "age_s", "stale", "stale_after_s", "warnings", "total")
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    REFRESHED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    STALE_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    offers: _containers.RepeatedCompositeFieldContainer[Offer]
+    refreshed_at_s: float
+    age_s: float
+    stale: bool
+    stale_after_s: float
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    total: int
+    def __init__(self, offers: _Optional[_Iterable[_Union[Offer, _Mapping]]] = ..., refreshed_at_s: _Optional[float] = ..., age_s: _Optional[float] = ..., stale: _Optional[bool] = ..., stale_after_s: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class ListInstancesRequest(_message.Message):
+    __slots__ = ("include_released",)
+    INCLUDE_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    include_released: bool
+    def __init__(self, include_released: _Optional[bool] = ...) -> None: ...
+
+class LaunchedInstance(_message.Message):
+    __slots__ = ("instance_id", "provider", "region", "zone", "instance_type", "lifecycle", "usd_per_hour", "state", "job_id", "host_id", "launched_at_s", "updated_at_s", "detail", "project")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAUNCHED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    provider: str
+    region: str
+    zone: str
+    instance_type: str
+    lifecycle: str
+    usd_per_hour: float
+    state: str
+    job_id: str
+    host_id: str
+    launched_at_s: float
+    updated_at_s: float
+    detail: str
+    project: str
+    def __init__(self, instance_id: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ..., instance_type: _Optional[str] = ..., lifecycle: _Optional[str] = ..., usd_per_hour: _Optional[float] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., host_id: _Optional[str] = ..., launched_at_s: _Optional[float] = ..., updated_at_s: _Optional[float] = ..., detail: _Optional[str] = ..., project: _Optional[str] = ...) -> None: ...
+
+class ListInstancesResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[LaunchedInstance]
+    def __init__(self, instances: _Optional[_Iterable[_Union[LaunchedInstance, _Mapping]]] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -438,7 +558,7 @@ class JobHistoryLine(_message.Message):
     def __init__(self, at_s: _Optional[float] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class JobView(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "host_id", "gpu_uuids", "step", "checkpoint_url", "checkpoint_step", "attempt", "created_at_s", "updated_at_s", "history", "steps_lost", "log_tail", "detail")
+    __slots__ = ("job_id", "spec", "state", "host_id", "gpu_uuids", "step", "checkpoint_url", "checkpoint_step", "attempt", "created_at_s", "updated_at_s", "history", "steps_lost", "log_tail", "detail", "run_seconds", "lifecycle", "cost_usd")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -454,6 +574,9 @@ class JobView(_message.Message):
     STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
     LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: str
@@ -469,7 +592,10 @@ class JobView(_message.Message):
     steps_lost: int
     log_tail: str
     detail: str
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[str] = ..., host_id: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., step: _Optional[int] = ..., checkpoint_url: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., created_at_s: _Optional[float] = ..., updated_at_s: _Optional[float] = ..., history: _Optional[_Iterable[_Union[JobHistoryLine, _Mapping]]] = ..., steps_lost: _Optional[int] = ..., log_tail: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    run_seconds: float
+    lifecycle: str
+    cost_usd: float
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[str] = ..., host_id: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., step: _Optional[int] = ..., checkpoint_url: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., created_at_s: _Optional[float] = ..., updated_at_s: _Optional[float] = ..., history: _Optional[_Iterable[_Union[JobHistoryLine, _Mapping]]] = ..., steps_lost: _Optional[int] = ..., log_tail: _Optional[str] = ..., detail: _Optional[str] = ..., run_seconds: _Optional[float] = ..., lifecycle: _Optional[str] = ..., cost_usd: _Optional[float] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)

@@ -206,6 +206,16 @@ class AdminServiceStub:
                 request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.SerializeToString,
                 response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.EvictKernelResponse.FromString,
                 _registered_method=True)
+        self.ListOffers = channel.unary_unary(
+                '/gpufleet.v1.AdminService/ListOffers',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListOffersRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListOffersResponse.FromString,
+                _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/gpufleet.v1.AdminService/ListInstances',
+                request_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListInstancesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -322,6 +332,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOffers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInstances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -414,6 +436,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.EvictKernel,
                     request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.FromString,
                     response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.EvictKernelResponse.SerializeToString,
+            ),
+            'ListOffers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOffers,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListOffersRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListOffersResponse.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListInstancesRequest.FromString,
+                    response_serializer=gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListInstancesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -904,6 +936,60 @@ class AdminService:
             '/gpufleet.v1.AdminService/EvictKernel',
             gpufleet_dot_proto_dot___proto_dot_fleet__pb2.KernelRequest.SerializeToString,
             gpufleet_dot_proto_dot___proto_dot_fleet__pb2.EvictKernelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOffers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/ListOffers',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListOffersRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListOffersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.AdminService/ListInstances',
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListInstancesRequest.SerializeToString,
+            gpufleet_dot_proto_dot___proto_dot_fleet__pb2.ListInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,
