@@ -484,7 +484,7 @@ class ListInstancesRequest(_message.Message):
     def __init__(self, include_released: _Optional[bool] = ...) -> None: ...
 
 class LaunchedInstance(_message.Message):
-    __slots__ = ("instance_id", "provider", "region", "zone", "instance_type", "lifecycle", "usd_per_hour", "state", "job_id", "host_id", "launched_at_s", "updated_at_s", "detail", "project")
+    __slots__ = ("instance_id", "provider", "region", "zone", "instance_type", "lifecycle", "usd_per_hour", "state", "job_id", "host_id", "launched_at_s", "updated_at_s", "detail", "project", "launch_id", "name")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
@@ -499,6 +499,8 @@ class LaunchedInstance(_message.Message):
     UPDATED_AT_S_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
+    LAUNCH_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     provider: str
     region: str
@@ -513,7 +515,9 @@ class LaunchedInstance(_message.Message):
     updated_at_s: float
     detail: str
     project: str
-    def __init__(self, instance_id: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ..., instance_type: _Optional[str] = ..., lifecycle: _Optional[str] = ..., usd_per_hour: _Optional[float] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., host_id: _Optional[str] = ..., launched_at_s: _Optional[float] = ..., updated_at_s: _Optional[float] = ..., detail: _Optional[str] = ..., project: _Optional[str] = ...) -> None: ...
+    launch_id: str
+    name: str
+    def __init__(self, instance_id: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ..., instance_type: _Optional[str] = ..., lifecycle: _Optional[str] = ..., usd_per_hour: _Optional[float] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., host_id: _Optional[str] = ..., launched_at_s: _Optional[float] = ..., updated_at_s: _Optional[float] = ..., detail: _Optional[str] = ..., project: _Optional[str] = ..., launch_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ListInstancesResponse(_message.Message):
     __slots__ = ("instances",)
