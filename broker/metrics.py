@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -46,6 +46,9 @@ UNITLESS_NAMES = frozenset(
         "gpufleet_host_up",
         "gpufleet_hosts",
         "gpufleet_kernel_slots",
+        "gpufleet_launched_instances",
+        "gpufleet_market_catalog_stale",
+        "gpufleet_market_offers",
     }
 )
 NAME_PATTERN = re.compile(r"^gpufleet_[a-z0-9_]+$")
@@ -204,6 +207,41 @@ class BrokerMetrics:
             "gpufleet_kernel_pushes_total",
             "Kernel entries sent to agents in install_kernels commands.",
         )
+        self.market_age = gauge(
+            "gpufleet_market_catalog_age_seconds",
+            "Seconds since the market catalog's last refresh with no failed "
+            "source (+Inf: never).",
+        )
+        self.market_stale = gauge(
+            "gpufleet_market_catalog_stale",
+            "1 when the market catalog's live prices are older than allowed.",
+        )
+        self.market_offers = gauge(
+            "gpufleet_market_offers",
+            "Offers in the market catalog, by provider and lifecycle.",
+            ["provider", "lifecycle"],
+        )
+        self.market_refresh_failures = counter(
+            "gpufleet_market_refresh_failures_total",
+            "Market price sources that failed to refresh, by source.",
+            ["source"],
+        )
+        self.market_last_refresh = gauge(
+            "gpufleet_market_last_refresh_timestamp_seconds",
+            "Unix time of the market catalog's last refresh with no failed source.",
+        )
+        self.instance_launches = counter(
+            "gpufleet_instance_launches_total",
+            "Instance launches the broker asked a cloud for, by provider, "
+            "lifecycle and outcome (launched, capacity, quota, price, ...).",
+            ["provider", "lifecycle", "outcome"],
+        )
+        self.instances = gauge(
+            "gpufleet_launched_instances",
+            "Instances the broker launched, by state (launching, booting, "
+            "enrolled, releasing, released, failed).",
+            ["state"],
+        )
         self._gpu_gauges = (
             self.gpu_util,
             self.gpu_sm_active,
@@ -216,6 +254,7 @@ class BrokerMetrics:
         )
         self._dropped_seen: dict[str, int] = {}
         self._host_statuses: set[str] = set()
+        self._market_keys: set[tuple[str, str]] = set()
 
     def observe_sample(
         self, host_id: str, info: pb.GpuInfo, sample: pb.GpuSample
@@ -294,6 +333,25 @@ class BrokerMetrics:
     def count_kernel_pushes(self, n: int) -> None:
         if n > 0:
             self.kernel_pushes.inc(n)
+
+    def watch_market(
+        self, age_s: Callable[[], float], stale: Callable[[], bool]
+    ) -> None:
+        """Reads the catalog's age and staleness at every scrape."""
+        self.market_age.set_function(age_s)
+        self.market_stale.set_function(lambda: 1.0 if stale() else 0.0)
+
+    def set_market_offers(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Sets offers per (provider, lifecycle); ones seen before read 0."""
+        self._market_keys.update(counts)
+        for key in self._market_keys:
+            self.market_offers.labels(*key).set(counts.get(key, 0))
+
+    def set_market_refreshed(self, at_s: float) -> None:
+        self.market_last_refresh.set(at_s)
+
+    def count_market_refresh_failure(self, source: str) -> None:
+        self.market_refresh_failures.labels(source).inc()
 
     def count_samples(self, n: int) -> None:
         if n > 0:

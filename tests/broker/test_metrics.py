@@ -92,7 +92,7 @@ def test_metrics_scrape_over_http_parses_and_names_follow_conventions(
         if f.name.startswith("gpufleet_")
         and not (f.name.endswith("_created") and f.name[:-8] in counters)
     ]
-    assert len(ours) == 25
+    assert len(ours) == 32
     for family in ours:
         full = family.name + ("_total" if family.type == "counter" else "")
         assert full in UNITLESS_NAMES or full.endswith(UNIT_SUFFIXES), full

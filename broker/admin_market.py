@@ -1,0 +1,65 @@
+"""The admin API's market call: offers from the catalog, ranked, for the CLI."""
+
+from __future__ import annotations
+
+import math
+
+from gpufleet.broker.market import MarketCatalog
+from gpufleet.broker.market_offer import LIFECYCLES
+from gpufleet.errors import GpufleetError
+from gpufleet.proto import pb
+
+DEFAULT_LIMIT = 50
+
+_NOT_CONFIGURED_HINT = (
+    "add a 'market:' section with 'enabled: true' to the broker configuration "
+    "(see docs/market.md), e.g. market: {enabled: true, aws: {regions: "
+    "[us-east-1], instance_types: [g5.xlarge]}}, then restart the broker"
+)
+
+
+async def list_offers(
+    catalog: MarketCatalog | None, request: pb.ListOffersRequest
+) -> pb.ListOffersResponse:
+    """Answers ``ListOffers``: matching offers, best score first.
+
+    Raises:
+        GpufleetError: the market catalog is not configured, or the request
+            names an unknown lifecycle.
+    """
+    if catalog is None:
+        raise GpufleetError(
+            "the broker has no market catalog: the market section of its "
+            "configuration is missing or disabled",
+            hint=_NOT_CONFIGURED_HINT,
+        )
+    if request.lifecycle and request.lifecycle not in LIFECYCLES:
+        raise GpufleetError(
+            f"unknown lifecycle {request.lifecycle!r}",
+            hint=f"use one of {', '.join(LIFECYCLES)}, or none for both",
+        )
+    warnings: list[str] = []
+    if request.refresh:
+        warnings.extend(await catalog.refresh())
+    found = catalog.offers(
+        provider=request.provider,
+        region=request.region,
+        instance_type=request.instance_type,
+        lifecycle=request.lifecycle,
+        accelerator=request.accelerator,
+    )
+    ranked = catalog.rank(found, gpus=0, accelerator=request.accelerator)
+    limit = request.limit or DEFAULT_LIMIT
+    age = catalog.age_s()
+    for line in catalog.warnings:
+        if line not in warnings:
+            warnings.append(line)
+    return pb.ListOffersResponse(
+        offers=[offer.to_proto(score) for score, offer in ranked[:limit]],
+        refreshed_at_s=catalog.refreshed_at_s,
+        age_s=age if math.isfinite(age) else 0.0,
+        stale=catalog.stale,
+        stale_after_s=catalog.cfg.stale_after_s,
+        warnings=warnings,
+        total=len(ranked),
+    )

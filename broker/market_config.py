@@ -1,0 +1,111 @@
+"""The ``market`` section of the broker's configuration: where prices come from.
+
+Nested into the broker configuration as ``market:``; docs/market.md is the
+reference for every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# GCP publishes no preemption rate for spot VMs. One interruption in about
+# 50 hours is an assumption, not a measurement: the broker's own observations
+# replace it as they accumulate (see market_risk.py).
+GCP_DEFAULT_HOURLY_RISK = 0.02
+# Relaunch (about 3 to 5 min), restore of the checkpoint and the work since the
+# last checkpoint: about a quarter of an hour lost per interruption.
+DEFAULT_RESTART_OVERHEAD_S = 900.0
+
+
+@dataclass
+class AwsMarketConfig:
+    """AWS: live spot prices for these regions and types, shipped tables else.
+
+    ``ondemand_file`` and ``advisor_file`` replace the shipped tables; None
+    keeps them.
+    """
+
+    regions: list[str] = field(default_factory=list)
+    instance_types: list[str] = field(default_factory=list)
+    ondemand_file: Path | None = None
+    advisor_file: Path | None = None
+
+
+@dataclass
+class GcpMarketConfig:
+    """GCP: prices from a table (shipped, or ``prices_file``), zones to expand.
+
+    Empty ``regions`` or ``machine_types`` keeps every row of the table.
+    ``zones`` lists the zones to offer (``us-central1-a``); a region with no
+    listed zone is offered as the whole region (zone "").
+    """
+
+    project: str = ""
+    regions: list[str] = field(default_factory=list)
+    zones: list[str] = field(default_factory=list)
+    machine_types: list[str] = field(default_factory=list)
+    prices_file: Path | None = None
+    hourly_risk: float = GCP_DEFAULT_HOURLY_RISK
+
+
+@dataclass
+class MarketConfig:
+    """The spot-market catalog: prices, risks and how offers are scored."""
+
+    enabled: bool = False
+    refresh_interval_s: float = 600.0
+    stale_after_s: float = 3 * 3600.0
+    restart_overhead_s: float = DEFAULT_RESTART_OVERHEAD_S
+    # Extra hours charged per expected interruption beyond the restart
+    # overhead: how much the operator dislikes disruption itself.
+    risk_weight: float = 0.0
+    # Pseudo-hours of evidence the prior risk is worth against observations.
+    prior_hours: float = 100.0
+    aws: AwsMarketConfig = field(default_factory=AwsMarketConfig)
+    gcp: GcpMarketConfig = field(default_factory=GcpMarketConfig)
+
+    def problems(self) -> list[str]:
+        """Every inconsistent field, each named as ``market.<field>``."""
+        p: list[str] = []
+        if not 10 <= self.refresh_interval_s <= 86400:
+            p.append(
+                "market.refresh_interval_s: must be in [10, 86400], got "
+                f"{self.refresh_interval_s}"
+            )
+        if self.stale_after_s < self.refresh_interval_s:
+            p.append(
+                f"market.stale_after_s: must be >= refresh_interval_s "
+                f"({self.refresh_interval_s}), got {self.stale_after_s}"
+            )
+        if not 0 <= self.restart_overhead_s <= 86400:
+            p.append(
+                "market.restart_overhead_s: must be in [0, 86400], got "
+                f"{self.restart_overhead_s}"
+            )
+        if self.risk_weight < 0:
+            p.append(f"market.risk_weight: must be >= 0, got {self.risk_weight}")
+        if self.prior_hours <= 0:
+            p.append(f"market.prior_hours: must be > 0, got {self.prior_hours}")
+        if not 0 <= self.gcp.hourly_risk < 1:
+            p.append(
+                f"market.gcp.hourly_risk: must be in [0, 1), got {self.gcp.hourly_risk}"
+            )
+        if self.aws.regions and not self.aws.instance_types:
+            p.append(
+                "market.aws.instance_types: list the instance types to price "
+                f"in {', '.join(self.aws.regions)}, e.g. [g5.xlarge, g6.xlarge]"
+            )
+        for name in ("ondemand_file", "advisor_file"):
+            value = getattr(self.aws, name)
+            if value is not None and not Path(value).is_file():
+                p.append(f"market.aws.{name}: no such file: {value}")
+        file = self.gcp.prices_file
+        if file is not None and not Path(file).is_file():
+            p.append(f"market.gcp.prices_file: no such file: {file}")
+        for zone in self.gcp.zones:
+            if zone.count("-") < 2:
+                p.append(
+                    f"market.gcp.zones: {zone!r} is not a zone name like us-central1-a"
+                )
+        return p

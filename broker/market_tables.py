@@ -1,0 +1,168 @@
+"""The market catalog's tables: shipped in ``market_data/`` or the operator's.
+
+Each table is a CSV file with a fixed header, optionally preceded by a line
+``# as_of: <ISO date>`` that says when its prices were true. Every bad row is
+reported at once, each problem naming ``FILE:LINE: column N (name)``, in the
+style of the broker's price table (prices.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpufleet.errors import ConfigError
+
+DATA_DIR = Path(__file__).with_name("market_data")
+AWS_ONDEMAND = DATA_DIR / "aws_ondemand.csv"
+AWS_TYPES = DATA_DIR / "aws_instance_types.csv"
+AWS_ADVISOR = DATA_DIR / "aws_spot_advisor.csv"
+GCP_PRICES = DATA_DIR / "gcp_prices.csv"
+
+ONDEMAND_COLUMNS = ("region", "instance_type", "usd_per_hour", "source")
+TYPE_COLUMNS = ("instance_type", "gpus", "accelerator")
+ADVISOR_COLUMNS = ("region", "instance_type", "band_index", "band_label")
+GCP_COLUMNS = (
+    "region",
+    "machine_type",
+    "accelerator",
+    "gpus",
+    "spot_usd_per_hour",
+    "ondemand_usd_per_hour",
+)
+
+Row = dict[str, str]
+_Check = Callable[[str], str | None]
+
+
+def _text(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _price(value: str) -> str | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return f"{value!r} is not a price in USD per hour"
+    if not math.isfinite(number) or number < 0:
+        return f"{value!r} is not a price >= 0"
+    return None
+
+
+def _count(value: str) -> str | None:
+    if not value.isdigit():
+        return f"{value!r} is not a whole number >= 0"
+    return None
+
+
+def _band(value: str) -> str | None:
+    if value not in ("0", "1", "2", "3", "4"):
+        return f"{value!r} is not an advisor band index 0-4"
+    return None
+
+
+_CHECKS: dict[str, _Check] = {
+    "usd_per_hour": _price,
+    "spot_usd_per_hour": _price,
+    "ondemand_usd_per_hour": _price,
+    "gpus": _count,
+    "band_index": _band,
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    """The checked rows of one table file and when its prices were true."""
+
+    path: str
+    rows: list[tuple[int, Row]]
+    as_of_s: float
+
+
+def load_table(
+    path: Path | str, columns: tuple[str, ...], *, default: bool = False
+) -> Table:
+    """Reads and checks one table file.
+
+    Args:
+        path: the CSV file.
+        columns: the header it must have, in order.
+        default: True for a shipped table (the hint then differs).
+
+    Raises:
+        ConfigError: the file is unreadable, or has bad rows; every problem
+            names the file, line and column.
+    """
+    file = Path(path)
+    hint = (
+        "reinstall gpufleet: a shipped market table is damaged"
+        if default
+        else f"fix the rows named above; the columns are {','.join(columns)}"
+    )
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"market table {file}", [f"cannot read it: {exc}"], hint=hint
+        ) from exc
+    problems: list[str] = []
+    table = parse_table(text, str(file), columns, problems)
+    if problems:
+        raise ConfigError(f"market table {file}", problems, hint=hint)
+    return table
+
+
+def parse_table(
+    text: str, path: str, columns: tuple[str, ...], problems: list[str]
+) -> Table:
+    """Parses table text, adding each problem found to ``problems``."""
+    lines = text.splitlines(keepends=True)
+    as_of_s, skipped = 0.0, 0
+    while skipped < len(lines) and lines[skipped].startswith("#"):
+        key, _, value = lines[skipped][1:].partition(":")
+        if key.strip() == "as_of":
+            as_of_s = _parse_as_of(value.strip(), f"{path}:{skipped + 1}", problems)
+        skipped += 1
+    reader = csv.reader(io.StringIO("".join(lines[skipped:])))
+    header = next(reader, None)
+    if header is None or tuple(h.strip() for h in header) != columns:
+        problems.append(
+            f"{path}:{skipped + 1}: the header must be {','.join(columns)}, "
+            f"got {','.join(header or [])!r}"
+        )
+        return Table(path, [], as_of_s)
+    rows: list[tuple[int, Row]] = []
+    for fields in reader:
+        line = reader.line_num + skipped
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        if len(fields) != len(columns):
+            problems.append(
+                f"{path}:{line}: expected {len(columns)} columns, got {len(fields)}"
+            )
+            continue
+        row = dict(zip(columns, (f.strip() for f in fields), strict=True))
+        found = len(problems)
+        for index, column in enumerate(columns, start=1):
+            why = _CHECKS.get(column, _text)(row[column])
+            if why is not None:
+                problems.append(f"{path}:{line}: column {index} ({column}): {why}")
+        if len(problems) == found:
+            rows.append((line, row))
+    return Table(path, rows, as_of_s)
+
+
+def _parse_as_of(value: str, where: str, problems: list[str]) -> float:
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        problems.append(f"{where}: as_of {value!r} is not an ISO date or time")
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()

@@ -1,0 +1,111 @@
+"""``gpufleet prices``: the broker's spot-market catalog, best offer first."""
+
+from __future__ import annotations
+
+import click
+
+from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
+from gpufleet.cli.output import duration, print_json, print_table, to_dict, when
+from gpufleet.proto import pb
+
+_COLUMNS = (
+    "PROVIDER",
+    "REGION",
+    "ZONE",
+    "TYPE",
+    "LIFECYCLE",
+    "GPUS",
+    "ACCEL",
+    "USD/H",
+    "RISK/H",
+    "BAND",
+    "SCORE",
+    "SOURCE",
+)
+
+
+def _row(offer: pb.Offer) -> list[str]:
+    return [
+        offer.provider,
+        offer.region,
+        offer.zone or "*",
+        offer.instance_type,
+        offer.lifecycle,
+        str(offer.gpus or "?"),
+        offer.accelerator or "?",
+        f"{offer.usd_per_hour:.4f}",
+        f"{offer.hourly_risk:.2%}" if offer.lifecycle == "spot" else "-",
+        offer.interruption_band or "-",
+        f"{offer.score:.4f}",
+        offer.source,
+    ]
+
+
+def _header(resp: pb.ListOffersResponse) -> str:
+    if not resp.refreshed_at_s:
+        return f"{resp.total} offers; live prices never refreshed"
+    return (
+        f"{resp.total} offers; refreshed {when(resp.refreshed_at_s)} UTC "
+        f"({duration(resp.age_s)} ago)"
+    )
+
+
+@click.command("prices")
+@click.option("--provider", default="", help="Only this cloud: aws or gcp.")
+@click.option("--region", default="", help="Only this region.")
+@click.option("--type", "instance_type", default="", help="Only this type.")
+@click.option(
+    "--lifecycle",
+    type=click.Choice(["spot", "on-demand"]),
+    default=None,
+    help="Only spot or only on-demand.",
+)
+@click.option("--accelerator", default="", help="Only this GPU model, e.g. a10g.")
+@click.option(
+    "--limit", type=click.IntRange(0, 10000), default=0, help="At most N offers."
+)
+@click.option("--refresh", is_flag=True, help="Refresh the catalog first.")
+@admin_options
+@click.pass_obj
+def prices(
+    opts: ClientOptions,
+    provider: str,
+    region: str,
+    instance_type: str,
+    lifecycle: str | None,
+    accelerator: str,
+    limit: int,
+    refresh: bool,
+) -> None:
+    """Hourly prices and interruption risks, the best score first."""
+    request = pb.ListOffersRequest(
+        provider=provider,
+        region=region,
+        instance_type=instance_type,
+        lifecycle=lifecycle or "",
+        accelerator=accelerator.lower(),
+        limit=limit,
+        refresh=refresh,
+    )
+    client = AdminClient(opts)
+    try:
+        resp: pb.ListOffersResponse = client.call("ListOffers", request)
+    finally:
+        client.close()
+    lines = list(resp.warnings)
+    if resp.stale and not any(line.startswith("prices are") for line in lines):
+        lines.insert(
+            0,
+            f"prices are {resp.age_s / 3600:.1f} h old (stale after "
+            f"{resp.stale_after_s / 3600:.1f} h); placement still uses them",
+        )
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
+    if opts.json:
+        print_json(to_dict(resp))
+        return
+    click.echo(_header(resp))
+    print_table(None, _COLUMNS, [_row(o) for o in resp.offers])
+
+
+COMMANDS = [prices]
