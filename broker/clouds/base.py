@@ -1,6 +1,7 @@
 """The one small interface every cloud backend of the broker implements.
 
-The broker's idle reaper and the demo call these actions; ``aws.py`` and
+The broker's idle reaper and the demo call these actions, and its
+provisioner launches instances through ``CloudLauncher``; ``aws.py`` and
 ``gcp.py`` implement them with the clouds' own SDKs. States are reported in
 one vocabulary for every cloud (see ``InstanceState``).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from gpufleet.broker.clouds.launch import LaunchedRef, LaunchRequest, LaunchTemplate
 from gpufleet.proto import pb
 
 
@@ -63,4 +65,25 @@ class CloudActions(Protocol):
 
     async def instance_state(self, host: pb.HostIdentity) -> str:
         """Returns the instance's current state, e.g. ``running``."""
+        ...
+
+
+@runtime_checkable
+class CloudLauncher(Protocol):
+    """Launches GPU instances and finds the ones the broker launched.
+
+    Every backend of ``CloudActions`` implements this too. The instance is
+    tagged (AWS) or labelled (GCE) with its fleet, launch id and job, so that
+    nothing the broker launched is ever orphaned. A launch is idempotent per
+    ``launch_id`` (EC2 ClientToken, GCE requestId): retry a failed call with
+    the same id, and give each new offer a new id. ``list_launched`` takes
+    ``(region, fleet)`` on AWS and ``(project, zone, fleet)`` on GCE.
+    """
+
+    provider: str
+
+    async def launch_instance(
+        self, req: LaunchRequest, tpl: LaunchTemplate
+    ) -> LaunchedRef:
+        """Launches one instance; raises ``LaunchError`` with kind and next_offer."""
         ...

@@ -18,6 +18,7 @@ import asyncio
 import re
 import threading
 import time
+import uuid
 from typing import Any
 
 import structlog
@@ -28,6 +29,12 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import compute_v1
 
 from gpufleet.broker.clouds.base import InstanceState
+from gpufleet.broker.clouds.launch import (
+    LaunchedRef,
+    LaunchError,
+    LaunchRequest,
+    LaunchTemplate,
+)
 from gpufleet.errors import CloudActionError
 from gpufleet.proto import pb
 
@@ -60,6 +67,7 @@ _PERMISSIONS = {
     "start": "compute.instances.start",
     "delete": "compute.instances.delete",
     "get": "compute.instances.get",
+    "list": "compute.instances.list",
 }
 
 
@@ -109,8 +117,342 @@ def _hint_for(exc: gexc.GoogleAPICallError, verb: str, where: str) -> str | None
     return None
 
 
-class GceActions:
-    """GCE stop, delete, start and status lookups.
+# Launch error classification, by the error's reason in GCE's own spelling
+# (upper snake case; request errors spell it camelCase, e.g. quotaExceeded).
+# GCE reports a stockout as an operation error after accepting the insert.
+_LAUNCH_ERRORS: dict[str, tuple[str, bool]] = {
+    "ZONE_RESOURCE_POOL_EXHAUSTED": ("capacity", True),
+    "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS": ("capacity", True),
+    "RESOURCE_POOL_EXHAUSTED": ("capacity", True),
+    "QUOTA_EXCEEDED": ("quota", True),
+    "UNSUPPORTED_OPERATION": ("config", True),
+    "FORBIDDEN": ("auth", False),
+    "INSUFFICIENT_PERMISSIONS": ("auth", False),
+    "PERMISSION_DENIED": ("auth", False),
+    "UNAUTHORIZED": ("auth", False),
+    "INVALID": ("config", False),
+    "INVALID_FIELD_VALUE": ("config", False),
+    "BAD_REQUEST": ("config", False),
+    "RESOURCE_NOT_FOUND": ("config", False),
+    "NOT_FOUND": ("config", False),
+}
+# Labels on every VM the broker launches, sanitized to GCE's label rules.
+LABEL_FLEET, LABEL_LAUNCH_ID, LABEL_JOB, LABEL_MANAGED = (
+    "gpufleet-fleet",
+    "gpufleet-launch-id",
+    "gpufleet-job",
+    "gpufleet-managed",
+)
+# Any fixed namespace works: the same launch id and zone always give the
+# same requestId, so GCE answers a retried insert with the first operation.
+_REQUEST_ID_NAMESPACE = uuid.UUID("6f1b7c1e-2f43-4c55-9d3e-6a0c7e1f5a10")
+_LABEL_UNSAFE = re.compile(r"[^a-z0-9_-]")
+_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+
+
+def gce_label(value: str, *, key: bool = False) -> str:
+    """``value`` made a valid GCE label (a key starts with a letter)."""
+    label = _LABEL_UNSAFE.sub("_", value.lower())[:63]
+    if key and not label[:1].isalpha():
+        label = ("k" + label)[:63]
+    return label
+
+
+def gce_launch_name(launch_id: str) -> str:
+    """The VM name for a launch id: the id if it is a valid name, else derived."""
+    if _GCE_NAME.fullmatch(launch_id):
+        return launch_id
+    body = re.sub(r"[^a-z0-9-]+", "-", launch_id.lower()).strip("-")
+    return f"gpufleet-{body}"[:63].rstrip("-")
+
+
+def gce_request_id(launch_id: str, zone: str) -> str:
+    """The insert's requestId, a UUID derived from the launch id and zone."""
+    return str(uuid.uuid5(_REQUEST_ID_NAMESPACE, f"{launch_id}/{zone}"))
+
+
+def _reason_code(reason: str) -> str:
+    """``quotaExceeded`` -> ``QUOTA_EXCEEDED``; upper snake case is kept."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", reason).upper()
+
+
+def classify_gce_launch_error(
+    code: str, message: str, req: LaunchRequest
+) -> tuple[str, bool, str]:
+    """Maps a GCE error reason to (kind, next_offer, hint) for a launch."""
+    kind, next_offer = _LAUNCH_ERRORS.get(_reason_code(code), ("other", False))
+    where = f"{req.zone} ({req.project})"
+    if kind == "config" and "machineTypes" in message:
+        # A machine type the zone does not offer: another zone may.
+        kind, next_offer = "capacity", True
+    if kind == "capacity":
+        hint = (
+            f"GCE has no {req.lifecycle} {req.instance_type} capacity in {where} "
+            "now; try another zone, region or machine type"
+        )
+    elif kind == "quota":
+        # GPUS_ALL_REGIONS and CPUS_ALL_REGIONS are project-wide: no other
+        # zone or region helps.
+        if "ALL_REGIONS" in message or "globally" in message:
+            next_offer = False
+        hint = (
+            f"ask for a higher quota in project {req.project} (IAM & Admin > "
+            "Quotas); the message names the quota"
+        )
+    elif kind == "auth":
+        hint = (
+            "grant the broker's service account compute.instances.create and "
+            "iam.serviceAccounts.actAs on the VM's service account "
+            "(e.g. roles/compute.instanceAdmin.v1 and roles/iam.serviceAccountUser)"
+        )
+    elif kind == "config":
+        hint = (
+            f"check the GCE launch template and the request for {where}: image, "
+            "network, subnetwork, service account, provisioning model"
+        )
+    else:
+        hint = (
+            f"retry with the same launch id {req.launch_id}: its requestId keeps "
+            "GCE from starting a second VM"
+        )
+    return kind, next_offer, hint
+
+
+def _gce_launch_error(req: LaunchRequest, code: str, message: str) -> LaunchError:
+    kind, next_offer, hint = classify_gce_launch_error(code, message, req)
+    return LaunchError(
+        "gcp",
+        req.launch_id,
+        f"GCE instances.insert of {req.lifecycle} {req.instance_type} in "
+        f"projects/{req.project}/zones/{req.zone} failed with "
+        f"{code or 'no reply'}: {message}",
+        kind=kind,
+        code=code,
+        next_offer=next_offer,
+        hint=hint,
+    )
+
+
+def gce_instance_resource(req: LaunchRequest, tpl: LaunchTemplate) -> Any:
+    """The ``Instance`` body of instances.insert for one launch.
+
+    Only machine types with their GPUs built in (a2, a3, g2) get GPUs: no
+    ``guestAccelerators`` are attached (see docs/provisioning.md).
+    """
+    zone = req.zone
+    labels = {gce_label(k, key=True): gce_label(v) for k, v in tpl.tags.items()}
+    labels |= {
+        LABEL_FLEET: gce_label(req.fleet),
+        LABEL_LAUNCH_ID: gce_label(req.launch_id),
+        LABEL_JOB: gce_label(req.job_id),
+        LABEL_MANAGED: "true",
+    }
+    if req.lifecycle == "spot":
+        # DELETE, not STOP: the broker moves a preempted job elsewhere, so a
+        # stopped spot VM would only sit idle with its disk billed.
+        scheduling = compute_v1.Scheduling(
+            provisioning_model="SPOT",
+            instance_termination_action="DELETE",
+            on_host_maintenance="TERMINATE",
+            automatic_restart=False,
+        )
+    else:
+        # GPU VMs cannot live-migrate, so host maintenance must stop them.
+        scheduling = compute_v1.Scheduling(
+            provisioning_model="STANDARD",
+            on_host_maintenance="TERMINATE",
+            automatic_restart=True,
+        )
+    nic = compute_v1.NetworkInterface()
+    if tpl.network:
+        nic.network = tpl.network
+    if tpl.subnetwork:
+        nic.subnetwork = tpl.subnetwork
+    if tpl.gce_external_ip:
+        nic.access_configs = [
+            compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
+        ]
+    instance = compute_v1.Instance(
+        name=gce_launch_name(req.launch_id),
+        machine_type=f"zones/{zone}/machineTypes/{req.instance_type}",
+        disks=[
+            compute_v1.AttachedDisk(
+                boot=True,
+                auto_delete=True,
+                initialize_params=compute_v1.AttachedDiskInitializeParams(
+                    source_image=tpl.image,
+                    disk_size_gb=tpl.disk_gb,
+                    disk_type=f"zones/{zone}/diskTypes/pd-balanced",
+                ),
+            )
+        ],
+        network_interfaces=[nic],
+        scheduling=scheduling,
+        metadata=compute_v1.Metadata(
+            items=[compute_v1.Items(key="startup-script", value=req.user_data)]
+        ),
+        labels=labels,
+    )
+    if tpl.service_account:
+        instance.service_accounts = [
+            compute_v1.ServiceAccount(email=tpl.service_account, scopes=_SCOPES)
+        ]
+    return instance
+
+
+def _gce_ref(req_project: str, zone: str, instance: Any) -> LaunchedRef:
+    spot = instance.scheduling.provisioning_model == "SPOT"
+    return LaunchedRef(
+        provider="gcp",
+        region=zone.rsplit("-", 1)[0],
+        zone=zone,
+        instance_id=str(instance.id),
+        name=instance.name,
+        project=req_project,
+        lifecycle="spot" if spot else "on-demand",
+        state=_STATUS_MAP.get(instance.status, InstanceState.UNKNOWN),
+        launch_id=instance.labels.get(LABEL_LAUNCH_ID, ""),
+    )
+
+
+class GceLauncher:
+    """Launches and lists the broker's GCE VMs (mixed into GceActions)."""
+
+    _api: Any
+    _wait: Any
+    _operation_timeout_s: float
+
+    async def launch_instance(
+        self, req: LaunchRequest, tpl: LaunchTemplate
+    ) -> LaunchedRef:
+        """Creates one VM, or returns the one created for this launch id.
+
+        Raises:
+            LaunchError: the launch failed; ``kind`` and ``next_offer`` say
+                whether to try the next offer.
+        """
+        problems = req.problems()
+        if not req.project or not req.zone:
+            problems.append("project and zone: GCE needs both")
+        if not tpl.image:
+            problems.append("image: the GCE launch template names no image")
+        if problems:
+            raise LaunchError(
+                "gcp",
+                req.launch_id or "?",
+                "invalid launch request: " + "; ".join(problems),
+                kind="config",
+                next_offer=False,
+                hint="fix the launch request or the GCE launch template",
+            )
+        try:
+            async with asyncio.timeout(self._operation_timeout_s + RPC_TIMEOUT_S):
+                ref: LaunchedRef = await asyncio.to_thread(self._launch, req, tpl)
+        except TimeoutError:
+            raise LaunchError(
+                "gcp",
+                req.launch_id,
+                f"launch did not finish within {self._operation_timeout_s} s",
+                kind="other",
+                hint=f"retry with the same launch id {req.launch_id}",
+            ) from None
+        log.info(
+            "cloud.instance_launched",
+            provider="gcp",
+            launch_id=req.launch_id,
+            instance=ref.name,
+            project=req.project,
+            zone=req.zone,
+            instance_type=req.instance_type,
+            lifecycle=ref.lifecycle,
+            state=ref.state,
+        )
+        return ref
+
+    async def list_launched(
+        self, project: str, zone: str, fleet: str
+    ) -> list[LaunchedRef]:
+        """The fleet's broker-launched VMs in one zone."""
+        async with asyncio.timeout(self._operation_timeout_s):
+            return await asyncio.to_thread(self._list, project, zone, fleet)
+
+    def _list(self, project: str, zone: str, fleet: str) -> list[LaunchedRef]:
+        instances, _ = self._api(f"fleet {fleet}")
+        request = compute_v1.ListInstancesRequest(
+            project=project,
+            zone=zone,
+            filter=(
+                f'(labels.{LABEL_MANAGED} = "true") AND '
+                f'(labels.{LABEL_FLEET} = "{gce_label(fleet)}")'
+            ),
+        )
+        try:
+            pager = instances.list(request=request, timeout=RPC_TIMEOUT_S)
+            return [_gce_ref(project, zone, i) for i in pager]
+        except gexc.GoogleAPICallError as exc:
+            raise _cloud_error(
+                f"fleet {fleet}",
+                f"GCE instances.list in projects/{project}/zones/{zone} answered "
+                f"{exc.code} {exc.message}",
+                "grant the broker's service account compute.instances.list",
+            ) from exc
+
+    def _launch(self, req: LaunchRequest, tpl: LaunchTemplate) -> LaunchedRef:
+        instances, operations = self._api(req.launch_id)
+        name = gce_launch_name(req.launch_id)
+        request = compute_v1.InsertInstanceRequest(
+            project=req.project,
+            zone=req.zone,
+            instance_resource=gce_instance_resource(req, tpl),
+            request_id=gce_request_id(req.launch_id, req.zone),
+        )
+        try:
+            operation = instances.insert_unary(request=request, timeout=RPC_TIMEOUT_S)
+            operation = self._wait(operations, req.project, req.zone, name, operation)
+        except gexc.Conflict:
+            # A VM of that name exists: ours from an earlier try, or not.
+            return self._existing(req, name)
+        except gexc.GoogleAPICallError as exc:
+            reasons = [str(e.get("reason", "")) for e in exc.errors or []]
+            code = next((r for r in reasons if r), type(exc).__name__)
+            if isinstance(exc, gexc.Forbidden) and "quota" not in code.lower():
+                code = "FORBIDDEN"
+            raise _gce_launch_error(req, code, str(exc.message)) from exc
+        except auth_exceptions.GoogleAuthError as exc:
+            raise _gce_launch_error(req, "UNAUTHORIZED", str(exc)) from exc
+        except CloudActionError as exc:
+            # The operation did not finish in time; it may still succeed.
+            raise _gce_launch_error(req, "TIMEOUT", exc.reason) from exc
+        if operation.error.errors:
+            first = operation.error.errors[0]
+            message = "; ".join(e.message for e in operation.error.errors)
+            raise _gce_launch_error(req, first.code, message)
+        return self._existing(req, name)
+
+    def _existing(self, req: LaunchRequest, name: str) -> LaunchedRef:
+        instances, _ = self._api(name)
+        try:
+            instance = instances.get(
+                project=req.project, zone=req.zone, instance=name, timeout=RPC_TIMEOUT_S
+            )
+        except gexc.GoogleAPICallError as exc:
+            raise _gce_launch_error(req, "NOT_FOUND", str(exc.message)) from exc
+        if instance.labels.get(LABEL_LAUNCH_ID) != gce_label(req.launch_id):
+            raise LaunchError(
+                "gcp",
+                req.launch_id,
+                f"a VM named {name} already exists in {req.zone} and was not "
+                "made by this launch",
+                kind="config",
+                code="ALREADY_EXISTS",
+                next_offer=False,
+                hint="give every launch a new launch id, or delete the stray VM",
+            )
+        return _gce_ref(req.project, req.zone, instance)
+
+
+class GceActions(GceLauncher):
+    """GCE stop, delete, start and status lookups, and launches.
 
     Args:
         endpoint: API endpoint instead of ``compute.googleapis.com``, e.g.
