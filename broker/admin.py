@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import structlog
 
-from gpufleet.broker.admin_jobs import JobsMixin
+from gpufleet.broker.admin_jobs import JobsMixin, MarketMixin
 from gpufleet.broker.admin_kernels import KernelsMixin
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.events import SubscriberLaggedError
@@ -63,7 +63,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-class AdminServicer(JobsMixin, KernelsMixin, rpc.AdminServiceServicer):
+class AdminServicer(JobsMixin, KernelsMixin, MarketMixin, rpc.AdminServiceServicer):
     """Serves the CLI's questions and commands."""
 
     def __init__(self, core: BrokerCore) -> None:

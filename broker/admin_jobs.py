@@ -1,4 +1,4 @@
-"""The job RPCs of ``AdminService``, served by the broker process.
+"""The job and spot-market RPCs of ``AdminService``, served by the broker.
 
 Kept apart from ``admin.py`` because they only translate between the wire
 and the job manager; ``JobError`` becomes a NOT_FOUND or FAILED_PRECONDITION
@@ -58,3 +58,35 @@ class JobsMixin:
     async def MigrateJob(self, request, context):  # type: ignore[no-untyped-def]
         call = self.core.jobs.migrate(request.job_id, to_host_id=request.to_host_id)
         return await self._jobs(context, call)
+
+
+class MarketMixin:
+    """The spot-market RPCs of AdminService: offers and launched instances."""
+
+    core: BrokerCore
+
+    async def ListOffers(self, request, context):  # type: ignore[no-untyped-def]
+        from gpufleet.broker.admin_market import list_offers
+        from gpufleet.errors import GpufleetError
+
+        try:
+            return await list_offers(self.core.market, request)
+        except GpufleetError as exc:
+            detail = f"{exc}" + (f" (hint: {exc.hint})" if exc.hint else "")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, detail)
+
+    async def ListInstances(self, request, context):  # type: ignore[no-untyped-def]
+        provisioner = self.core.jobs.provisioner if self.core.jobs else None
+        if provisioner is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this broker launches no instances (hint: set provisioning.enabled: "
+                "true and market.enabled: true in broker.yaml; docs/provisioning.md)",
+            )
+        views = [
+            v
+            for v in provisioner.instances.values()
+            if request.include_released or v.state not in ("released", "failed")
+        ]
+        views.sort(key=lambda v: v.launched_at_s)
+        return pb.ListInstancesResponse(instances=views)

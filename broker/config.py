@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpufleet.broker.market_config import MarketConfig
+from gpufleet.broker.provisioning_config import ProvisioningConfig
 from gpufleet.config import load_validated, require
 from gpufleet.errors import ConfigError
 
@@ -66,6 +68,10 @@ class BrokerConfig:
     allow_insecure_remote: bool = False
     tls: ServerTlsConfig = field(default_factory=ServerTlsConfig)
     log_level: str = "info"
+    # The spot market: prices and risks (market), and launching hosts for
+    # jobs that have none (provisioning). Both are off by default.
+    market: MarketConfig = field(default_factory=MarketConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
 
     @property
     def db_url(self) -> str:
@@ -131,6 +137,14 @@ class BrokerConfig:
                     value is None or Path(value).is_file(),
                     f"{name}: no such file: {value}",
                 )
+        p.extend(self.market.problems())
+        p.extend(self.provisioning.problems())
+        require(
+            p,
+            not self.provisioning.enabled or self.market.enabled,
+            "provisioning.enabled: needs the market catalog: set market.enabled: "
+            "true (it ranks the offers to launch)",
+        )
         if p:
             raise ConfigError(source, p)
 

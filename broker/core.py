@@ -71,6 +71,8 @@ class BrokerCore:
         self.reaper: object | None = None
         self.jobs: Any = None
         self.kernels: KernelCatalog | None = None
+        # The spot-market catalog (market.MarketCatalog) when configured.
+        self.market: Any = None
 
     async def fail_interrupted_actions(self) -> None:
         """Marks actions a stopped broker left pending as failed.

@@ -13,6 +13,7 @@ import secrets
 import signal
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -25,6 +26,7 @@ from gpufleet.broker.config import BrokerConfig, split_addr
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.events import EventBus
 from gpufleet.broker.fleet import Fleet
+from gpufleet.broker.instancestore import InstanceStore
 from gpufleet.broker.jobs import JobManager
 from gpufleet.broker.jobstore import JobStore
 from gpufleet.broker.kernels import KernelCatalog
@@ -94,6 +96,85 @@ async def _initial_policy(cfg: BrokerConfig, store: Store) -> tuple[FleetPolicy,
     return default_policy(), 0.0
 
 
+def _market(cfg: BrokerConfig, metrics: BrokerMetrics) -> Any:
+    """The market catalog, or None when the market is not configured."""
+    if not cfg.market.enabled:
+        return None
+    from gpufleet.broker.market import MarketCatalog
+
+    catalog = MarketCatalog(
+        cfg.market, aws_endpoint_url=cfg.aws_endpoint_url, metrics=metrics
+    )
+    catalog.load_tables()
+    return catalog
+
+
+def _provisioner(
+    cfg: BrokerConfig, core: BrokerCore, market: Any, store: Store, fleet: str
+) -> Any:
+    from gpufleet.broker.clouds import cloud_for
+    from gpufleet.broker.provisioner import Provisioner
+
+    clouds: dict[str, Any] = {}
+
+    def cloud(provider: str) -> Any:
+        if provider not in clouds:
+            clouds[provider] = cloud_for(
+                provider,
+                aws_endpoint_url=cfg.aws_endpoint_url,
+                gce_endpoint=cfg.gce_endpoint,
+            )
+        return clouds[provider]
+
+    prov = cfg.provisioning
+    if not prov.gcp.project:
+        prov.gcp.project = cfg.market.gcp.project
+    return Provisioner(
+        prov,
+        market,
+        InstanceStore(store),
+        clouds=cloud,
+        events=core.events,
+        spawn=core.spawn,
+        fleet=fleet,
+        metrics=core.metrics,
+    )
+
+
+# How long the broker waits for the market's first refresh before serving:
+# launches need live spot prices, but a slow cloud must not hold the fleet.
+FIRST_REFRESH_S = 30.0
+
+
+async def _first_refresh(market: Any) -> None:
+    try:
+        async with asyncio.timeout(FIRST_REFRESH_S):
+            warnings = await market.refresh()
+    except TimeoutError:
+        log.warning("market.first_refresh_slow", waited_s=FIRST_REFRESH_S)
+        return
+    for warning in warnings:
+        log.warning("market.refresh_warning", detail=warning)
+
+
+async def _sweep(cfg: BrokerConfig, provisioner: Any) -> None:
+    """Terminates instances of this fleet that the broker has no record of
+    (launched by a broker that died before it could store them)."""
+    places: list[tuple[str, str, str]] = []
+    if cfg.provisioning.aws.images:
+        places += [("aws", region, "") for region in cfg.provisioning.aws.images]
+    gcp = cfg.provisioning.gcp
+    if gcp.project:
+        places += [("gcp", zone, gcp.project) for zone in cfg.market.gcp.zones]
+    try:
+        swept = await provisioner.sweep(places)
+    except Exception:
+        log.exception("instance.sweep_failed")
+        return
+    if swept:
+        log.warning("instance.orphans_terminated", launch_ids=swept)
+
+
 def _credentials(cfg: BrokerConfig) -> grpc.ServerCredentials | None:
     tls = cfg.tls
     if not (tls.cert and tls.key):
@@ -151,6 +232,18 @@ async def run_broker(
     await core.jobs.load()
     core.kernels = KernelCatalog(core, KernelStore(store))
     await core.kernels.load()
+    market = _market(cfg, metrics)
+    core.market = market
+    if market is not None:
+        core.jobs.catalog = market
+        core.jobs.restart_s = cfg.market.restart_overhead_s
+    if market is not None:
+        await _first_refresh(market)
+    provisioner = None
+    if cfg.provisioning.enabled:
+        provisioner = _provisioner(cfg, core, market, store, fleet_name)
+        await provisioner.load()
+        core.jobs.provisioner = provisioner
     core.reaper = Reaper(
         core,
         prices=prices,
@@ -195,6 +288,10 @@ async def run_broker(
             tg.create_task(core.monitor_loop(), name="heartbeats")
             tg.create_task(core.jobs_loop(), name="jobs")
             tg.create_task(core.history_loop(cfg.history_retention_s), name="history")
+            if market is not None:
+                tg.create_task(market.run(stop), name="market")
+            if provisioner is not None:
+                tg.create_task(_sweep(cfg, provisioner), name="sweep")
             await events.emit(
                 "broker.started", cause="start", version=gpufleet.__version__
             )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+import time
+
 import click
 
 from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
@@ -29,6 +33,14 @@ def _show(opts: ClientOptions, view: pb.JobView) -> None:
         f"  step {step}, checkpoint at step {ckpt}, attempt {view.attempt}, "
         f"steps lost {view.steps_lost}"
     )
+    spec = view.spec
+    if spec.policy or spec.deadline_s or view.lifecycle:
+        deadline = when(spec.deadline_s) if spec.deadline_s else "none"
+        click.echo(
+            f"  policy {spec.policy or 'default'}, deadline {deadline}, on "
+            f"{view.lifecycle or '-'}, ran {view.run_seconds / 3600:.2f} h of "
+            f"{spec.work_hours or '?'} h, cost {view.cost_usd:.2f} USD"
+        )
     for line in view.history:
         click.echo(f"  {when(line.at_s)} {line.kind} {line.detail}")
 
@@ -57,6 +69,35 @@ def jobs() -> None:
 @click.option("--name", default="job")
 @click.option("--env", "envs", multiple=True, help="KEY=VALUE for the job.")
 @click.option("--workdir", default="")
+@click.option(
+    "--policy",
+    default="",
+    help="Placement policy: on-demand, greedy-spot, uniform-progress or "
+    "gpufleet (default: gpufleet when a deadline is given).",
+)
+@click.option(
+    "--deadline",
+    default="",
+    help="When the job must be done: 12h or 90m from now, or an ISO time "
+    "such as 2026-12-24T18:00Z.",
+)
+@click.option(
+    "--work-hours",
+    type=click.FloatRange(0, 8760),
+    default=0.0,
+    help="Hours of compute the job needs (with --deadline).",
+)
+@click.option(
+    "--max-price",
+    type=click.FloatRange(0),
+    default=0.0,
+    help="Most the job's host may cost, USD an hour (0: no limit).",
+)
+@click.option(
+    "--accelerator",
+    default="",
+    help="GPU model a launched host must have, e.g. a10g, l4, a100.",
+)
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @admin_options
 @click.pass_obj
@@ -69,6 +110,11 @@ def submit(
     name: str,
     envs: tuple[str, ...],
     workdir: str,
+    policy: str,
+    deadline: str,
+    work_hours: float,
+    max_price: float,
+    accelerator: str,
     argv: tuple[str, ...],
 ) -> None:
     """Submit a job: gpufleet jobs submit --gpus 1 -- python train.py"""
@@ -84,6 +130,11 @@ def submit(
         env=dict(x.split("=", 1) for x in envs),
         checkpoint_url=checkpoint_url,
         workdir=workdir,
+        policy=policy,
+        deadline_s=parse_deadline(deadline) if deadline else 0.0,
+        work_hours=work_hours,
+        max_usd_per_hour=max_price,
+        accelerator=accelerator.lower(),
     )
     _show(opts, _call(opts, "SubmitJob", pb.SubmitJobRequest(spec=spec)))
 
@@ -168,6 +219,34 @@ def migrate(opts: ClientOptions, job_id: str, to_host_id: str) -> None:
     """Checkpoint a running job and resume it on another host."""
     request = pb.MigrateJobRequest(job_id=job_id, to_host_id=to_host_id)
     _show(opts, _call(opts, "MigrateJob", request))
+
+
+_RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*(m|min|h|d)$")
+
+
+def parse_deadline(text: str, now_s: float | None = None) -> float:
+    """A deadline as epoch seconds, from ``12h``, ``90m``, ``2d`` (from now)
+    or an ISO 8601 time (UTC when it names no zone).
+
+    Raises:
+        ConfigError: the text is neither.
+    """
+    now_s = time.time() if now_s is None else now_s
+    match = _RELATIVE.match(text.strip().lower())
+    if match:
+        amount, unit = float(match.group(1)), match.group(2)
+        return now_s + amount * {"m": 60, "min": 60, "h": 3600, "d": 86400}[unit]
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            "jobs submit",
+            [f"--deadline {text!r}: not a duration or an ISO 8601 time"],
+            hint="e.g. --deadline 12h, --deadline 90m or --deadline 2026-12-24T18:00Z",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
 
 
 COMMANDS = [jobs]

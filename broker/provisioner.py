@@ -1,0 +1,580 @@
+"""Launching hosts for jobs that have none, and releasing them afterwards.
+
+Owned by the broker process. The job manager asks for a host when a pending
+or migrating job fits no connected one; the provisioner ranks the market
+catalog's offers for the job (price and risk, the zone just preempted
+avoided), launches the best one through the cloud's SDK with a startup
+script that installs and enrolls the agent, and falls through to the next
+offer when a cloud answers "no capacity", "quota" or "price too low". The
+job itself is placed by the job manager once the new agent connects.
+
+Every launch is written to the store before the cloud call, carries its
+launch id as a tag or label, and ends released: an instance whose agent
+never enrolls, whose host was lost, or that ran no job for
+``idle_release_s`` is terminated. At start the broker sweeps each configured
+region for instances tagged with its fleet that it has no record of.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gpufleet.broker import instancestore as st
+from gpufleet.broker.fleet import LIVE, HostState
+from gpufleet.broker.instancestore import InstanceStore
+from gpufleet.broker.provisioning_config import ProvisioningConfig
+from gpufleet.errors import CloudActionError, GpufleetError
+from gpufleet.proto import pb
+
+log = structlog.stdlib.get_logger(__name__)
+
+# The label a launched agent carries (written by its startup script); the
+# broker matches it to the launch record.
+LAUNCH_LABEL = "gpufleet.launch-id"
+# A host of a launched instance that is not connected for this long is
+# taken as gone (a reclaimed spot instance, a crashed machine) and released.
+LOST_RELEASE_S = 120.0
+# After every spot offer failed for a job, its policy sees no spot for this
+# long (it may then choose on-demand); spot capacity returns within minutes
+# to hours, the SkyPilot traces show.
+SPOT_RETRY_S = 600.0
+# Offers tried for one request before the job waits for the next round.
+MAX_OFFERS_PER_REQUEST = 8
+_LAUNCH_ID = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
+
+
+@dataclass
+class _Wanted:
+    """A job's outstanding request for a host."""
+
+    job_id: str
+    spec: pb.JobSpec
+    lifecycles: tuple[str, ...]
+    avoid_zone: str
+    reason: str
+
+
+class ProvisionError(GpufleetError):
+    """A launch could not be asked for; the message says why."""
+
+
+class Provisioner:
+    """Launches and releases instances; see the module docstring.
+
+    Args:
+        cfg: the provisioning section.
+        catalog: the market catalog (``market.MarketCatalog``) to rank
+            offers from.
+        store: where launch records live.
+        clouds: provider -> cloud actions with ``launch_instance``,
+            ``list_launched`` and ``terminate_instance``.
+        events: the broker's event bus (``emit``).
+        spawn: runs a coroutine as a task the broker owns.
+        fleet: the fleet's name, tagged on every instance.
+    """
+
+    def __init__(
+        self,
+        cfg: ProvisioningConfig,
+        catalog: Any,
+        store: InstanceStore,
+        *,
+        clouds: Callable[[str], Any],
+        events: Any,
+        spawn: Callable[[Coroutine[Any, Any, None], str], None],
+        fleet: str,
+        metrics: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.catalog = catalog
+        self.store = store
+        self._clouds = clouds
+        self._events = events
+        self._spawn = spawn
+        self.fleet = fleet
+        self._metrics = metrics
+        self._clock = clock
+        self.instances: dict[str, pb.LaunchedInstance] = {}
+        self._next_try: dict[str, float] = {}
+        self._idle_since: dict[str, float] = {}
+        self._away_since: dict[str, float] = {}
+        self._launching: set[str] = set()
+        self._spot_failed: dict[str, float] = {}
+        # Enrolled instances a job has run on: no longer waiting for their job.
+        self._used: set[str] = set()
+        self._script_cache: dict[str, str] = {}
+
+    async def load(self) -> None:
+        self.instances = await self.store.load_all()
+        # A launch in flight when the broker stopped is booting now or never
+        # started; the enroll timeout and the sweep settle which.
+        for launch_id, view in self.instances.items():
+            if view.state == st.LAUNCHING:
+                view.state = st.BOOTING
+                view.detail = "the broker restarted during the launch call"
+                await self.store.save(launch_id, view)
+
+    # ------------------------------------------------------------- queries
+
+    def live(self) -> list[pb.LaunchedInstance]:
+        return [v for v in self.instances.values() if v.state in st.LIVE_STATES]
+
+    def pending_for(self, job_id: str) -> pb.LaunchedInstance | None:
+        """A launch for the job that the job has not used yet: booting, or
+        enrolled and still idle (the job lands there on the next tick)."""
+        for view in self.instances.values():
+            if view.job_id != job_id:
+                continue
+            if view.state in (st.LAUNCHING, st.BOOTING):
+                return view
+            if view.state == st.ENROLLED and view.launch_id not in self._used:
+                return view
+        return None
+
+    def reserved_for(self, host_id: str) -> str:
+        """The job an enrolled launched host was started for, or ""."""
+        for view in self.instances.values():
+            if view.host_id == host_id and view.state == st.ENROLLED:
+                return view.job_id
+        return ""
+
+    def view_of(self, host: HostState) -> pb.LaunchedInstance | None:
+        launch_id = host.labels.get(LAUNCH_LABEL, "")
+        view = self.instances.get(launch_id)
+        if view is not None:
+            return view
+        for view in self.instances.values():
+            if view.instance_id and view.instance_id == host.identity.instance_id:
+                return view
+        return None
+
+    def spot_failed_recently(self, job_id: str) -> bool:
+        """Whether every spot offer failed for the job lately: its policy
+        then sees no spot capacity until SPOT_RETRY_S has passed."""
+        return self._clock() - self._spot_failed.get(job_id, -1e18) < SPOT_RETRY_S
+
+    def has_offer(self, spec: pb.JobSpec, lifecycles: tuple[str, ...]) -> bool:
+        """Whether the catalog has an offer this broker could launch."""
+        return bool(self._offers(_Wanted("", spec, lifecycles, "", "")))
+
+    # ------------------------------------------------------------ requests
+
+    async def request(
+        self,
+        job_id: str,
+        spec: pb.JobSpec,
+        *,
+        lifecycles: Iterable[str],
+        avoid_zone: str = "",
+        reason: str = "",
+    ) -> str:
+        """Starts a launch for the job unless one is under way.
+
+        Returns what happened, for the job's history: ``launching``,
+        ``pending`` (a launch for it is under way), ``backoff``,
+        ``at-limit`` or ``no-offer: ...``.
+        """
+        lifecycles = tuple(
+            lc for lc in lifecycles if lc == "spot" or self.cfg.on_demand
+        )
+        if self.pending_for(job_id) is not None or job_id in self._launching:
+            return "pending"
+        now = self._clock()
+        if self._next_try.get(job_id, 0.0) > now:
+            return "backoff"
+        if len(self.live()) >= self.cfg.max_instances:
+            return "at-limit"
+        wanted = _Wanted(
+            job_id,
+            spec,
+            lifecycles,
+            avoid_zone if self.cfg.avoid_preempted_zone else "",
+            reason,
+        )
+        offers = self._offers(wanted)
+        if not offers:
+            self._next_try[job_id] = now + self.cfg.retry_after_s
+            return f"no-offer: {self._no_offer_reason(wanted)}"
+        self._launching.add(job_id)
+        self._spawn(self._launch(wanted, offers), f"launch-{job_id}")
+        return "launching"
+
+    def _offers(self, w: _Wanted) -> list[Any]:
+        if not w.lifecycles:
+            return []
+        ranked = self.catalog.rank(
+            self.catalog.offers(),
+            gpus=max(w.spec.gpus, 1),
+            accelerator=w.spec.accelerator,
+            lifecycles=w.lifecycles,
+            max_usd_per_hour=w.spec.max_usd_per_hour,
+            avoid_zones=(w.avoid_zone,) if w.avoid_zone else (),
+            providers=self._providers(),
+        )
+        # Spot before on-demand when both are allowed: the order of
+        # ``lifecycles`` is the policy's preference, the score ranks within.
+        order = {lc: i for i, lc in enumerate(w.lifecycles)}
+        offers = [o for _, o in ranked if self._launchable(o)]
+        offers.sort(key=lambda o: order.get(o.lifecycle, len(order)))
+        return offers[:MAX_OFFERS_PER_REQUEST]
+
+    def _providers(self) -> tuple[str, ...]:
+        out = []
+        if self.cfg.aws.images:
+            out.append("aws")
+        if self.cfg.gcp.project and self.cfg.gcp.image:
+            out.append("gcp")
+        return tuple(out)
+
+    def _launchable(self, offer: Any) -> bool:
+        if offer.provider == "aws":
+            return offer.region in self.cfg.aws.images
+        return offer.provider == "gcp" and bool(offer.zone)
+
+    def _no_offer_reason(self, w: _Wanted) -> str:
+        if not w.lifecycles:
+            return "on-demand launches are off (provisioning.on_demand: false)"
+        if not self._providers():
+            return (
+                "no cloud can launch: set provisioning.aws.images or "
+                "provisioning.gcp.project"
+            )
+        parts = [f"{max(w.spec.gpus, 1)} GPU(s)", "/".join(w.lifecycles)]
+        if w.spec.accelerator:
+            parts.append(f"accelerator {w.spec.accelerator}")
+        if w.spec.max_usd_per_hour:
+            parts.append(f"at most {w.spec.max_usd_per_hour:.2f} USD/h")
+        if w.avoid_zone:
+            parts.append(f"outside {w.avoid_zone}")
+        return "no offer in the catalog has " + ", ".join(parts)
+
+    # ------------------------------------------------------------- launching
+
+    async def _launch(self, w: _Wanted, offers: list[Any]) -> None:
+        tried: list[str] = []
+        try:
+            for offer in offers:
+                outcome = await self._try_offer(w, offer)
+                if outcome is None:
+                    return
+                tried.append(outcome)
+                if outcome.startswith("stop:"):
+                    break
+            self._next_try[w.job_id] = self._clock() + self.cfg.retry_after_s
+            if w.lifecycles and w.lifecycles[0] == "spot":
+                self._spot_failed[w.job_id] = self._clock()
+            await self._events.emit(
+                "instance.launch-failed",
+                cause=w.job_id,
+                detail="; ".join(tried)[:2000],
+            )
+            log.warning("instance.launch_failed", job_id=w.job_id, tried=tried)
+        finally:
+            self._launching.discard(w.job_id)
+
+    async def _try_offer(self, w: _Wanted, offer: Any) -> str | None:
+        """Launches one offer; None on success, else what went wrong."""
+        from gpufleet.broker.clouds.launch import LaunchError, LaunchRequest
+
+        now = self._clock()
+        launch_id = new_launch_id(w.job_id)
+        where = f"{offer.provider} {offer.zone or offer.region} {offer.instance_type}"
+        view = pb.LaunchedInstance(
+            launch_id=launch_id,
+            provider=offer.provider,
+            region=offer.region,
+            zone=offer.zone,
+            instance_type=offer.instance_type,
+            lifecycle=offer.lifecycle,
+            usd_per_hour=offer.usd_per_hour,
+            state=st.LAUNCHING,
+            job_id=w.job_id,
+            launched_at_s=now,
+            updated_at_s=now,
+            project=self.cfg.gcp.project if offer.provider == "gcp" else "",
+            detail=w.reason,
+        )
+        self.instances[launch_id] = view
+        await self.store.save(launch_id, view)
+        request = LaunchRequest(
+            provider=offer.provider,
+            region=offer.region,
+            zone=offer.zone,
+            instance_type=offer.instance_type,
+            lifecycle=offer.lifecycle,
+            launch_id=launch_id,
+            fleet=self.fleet,
+            job_id=w.job_id,
+            user_data=self._script(launch_id),
+            max_usd_per_hour=w.spec.max_usd_per_hour,
+            project=view.project,
+        )
+        try:
+            cloud = self._clouds(offer.provider)
+            ref = await cloud.launch_instance(request, self._template(offer))
+        except LaunchError as exc:
+            await self._set(view, st.FAILED, f"{exc.kind}: {exc}")
+            self._count(offer, exc.kind)
+            return f"{where}: {exc.kind}" if exc.next_offer else f"stop:{where}: {exc}"
+        except (CloudActionError, GpufleetError) as exc:
+            await self._set(view, st.FAILED, str(exc))
+            self._count(offer, "error")
+            return f"stop:{where}: {exc}"
+        view.instance_id = ref.instance_id
+        view.name = ref.name
+        view.zone = ref.zone or view.zone
+        await self._set(view, st.BOOTING, f"launched for {w.job_id}")
+        self._count(offer, "launched")
+        await self._events.emit(
+            "instance.launched",
+            cause=w.job_id,
+            provider=offer.provider,
+            zone=view.zone or offer.region,
+            instance_type=offer.instance_type,
+            lifecycle=offer.lifecycle,
+            instance_id=ref.instance_id,
+            usd_per_hour=round(offer.usd_per_hour, 4),
+            launch_id=launch_id,
+        )
+        log.info(
+            "instance.launched",
+            job_id=w.job_id,
+            launch_id=launch_id,
+            instance_id=ref.instance_id,
+            where=where,
+            lifecycle=offer.lifecycle,
+        )
+        return None
+
+    def _template(self, offer: Any) -> Any:
+        from gpufleet.broker.clouds.launch import LaunchTemplate
+
+        if offer.provider == "aws":
+            aws = self.cfg.aws
+            return LaunchTemplate(
+                image=aws.images[offer.region],
+                subnet_ids=dict(aws.subnet_ids),
+                security_group_ids=list(aws.security_group_ids),
+                iam_instance_profile=aws.iam_instance_profile,
+                key_name=aws.key_name,
+                disk_gb=aws.disk_gb,
+            )
+        gcp = self.cfg.gcp
+        return LaunchTemplate(
+            image=gcp.image,
+            network=gcp.network,
+            subnetwork=gcp.subnetwork,
+            service_account=gcp.service_account,
+            disk_gb=gcp.disk_gb,
+        )
+
+    def _script(self, launch_id: str) -> str:
+        from gpufleet.broker.clouds.launch import render_startup_script
+
+        cfg = self.cfg
+
+        def read(path: Path | None) -> str:
+            return Path(path).read_text() if path else ""
+
+        return render_startup_script(
+            broker=cfg.broker_address,
+            package=cfg.agent_package,
+            launch_id=launch_id,
+            fleet=self.fleet,
+            labels=dict(cfg.labels),
+            agent_config=dict(cfg.agent_config or {}),
+            ca_pem=read(cfg.tls_ca),
+            cert_pem=read(cfg.tls_cert),
+            key_pem=read(cfg.tls_key),
+        )
+
+    def _count(self, offer: Any, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.instance_launches.labels(
+                offer.provider, offer.lifecycle, outcome
+            ).inc()
+
+    async def _set(self, view: pb.LaunchedInstance, state: str, detail: str) -> None:
+        view.state = state
+        view.detail = detail[:500]
+        view.updated_at_s = self._clock()
+        await self.store.save(view.launch_id, view)
+        if self._metrics is not None:
+            counts: dict[str, int] = {}
+            for v in self.instances.values():
+                counts[v.state] = counts.get(v.state, 0) + 1
+            for state_name in (*st.LIVE_STATES, *st.DONE_STATES):
+                self._metrics.instances.labels(state_name).set(
+                    counts.get(state_name, 0)
+                )
+
+    # ------------------------------------------------------------ upkeep
+
+    async def tick(
+        self, hosts: Mapping[str, HostState], busy: Callable[[str], bool]
+    ) -> None:
+        """Enrolls new agents and releases what is no longer needed.
+
+        Args:
+            hosts: the fleet's hosts by id.
+            busy: whether a job holds (or is starting on) a host.
+        """
+        now = self._clock()
+        enrolled_hosts = set()
+        for host in hosts.values():
+            view = self.view_of(host)
+            if view is None:
+                continue
+            enrolled_hosts.add(view.launch_id)
+            if view.state in (st.LAUNCHING, st.BOOTING):
+                view.host_id = host.host_id
+                await self._set(view, st.ENROLLED, f"agent {host.host_id} enrolled")
+                await self._events.emit(
+                    "instance.enrolled",
+                    host_id=host.host_id,
+                    cause=view.job_id,
+                    launch_id=view.launch_id,
+                    took_s=round(now - view.launched_at_s, 1),
+                )
+        for view in list(self.instances.values()):
+            if view.state == st.BOOTING and view.launch_id not in enrolled_hosts:
+                if now - view.launched_at_s > self.cfg.enroll_timeout_s:
+                    await self.release(
+                        view,
+                        f"its agent did not enroll within "
+                        f"{self.cfg.enroll_timeout_s:.0f} s",
+                    )
+            elif view.state == st.ENROLLED:
+                await self._check_enrolled(view, hosts.get(view.host_id), busy, now)
+            elif view.state == st.RELEASING and view.launch_id not in self._launching:
+                await self.release(view, view.detail or "release retried")
+
+    async def _check_enrolled(
+        self,
+        view: pb.LaunchedInstance,
+        host: HostState | None,
+        busy: Callable[[str], bool],
+        now: float,
+    ) -> None:
+        if host is None or host.status != LIVE:
+            away = self._away_since.setdefault(view.launch_id, now)
+            if now - away > LOST_RELEASE_S:
+                await self.release(view, "its host is gone")
+            return
+        self._away_since.pop(view.launch_id, None)
+        if busy(view.host_id):
+            self._idle_since.pop(view.launch_id, None)
+            self._used.add(view.launch_id)
+            return
+        idle = self._idle_since.setdefault(view.launch_id, now)
+        if now - idle > self.cfg.idle_release_s:
+            await self.release(
+                view, f"no job ran on it for {self.cfg.idle_release_s:.0f} s"
+            )
+
+    async def release(self, view: pb.LaunchedInstance, why: str) -> None:
+        """Terminates a launched instance; a failed call is retried later."""
+        if view.state in st.DONE_STATES:
+            return
+        if view.state != st.RELEASING:
+            await self._set(view, st.RELEASING, why)
+        if not view.instance_id:
+            await self._set(view, st.FAILED, f"{why}; the cloud never named it")
+            return
+        try:
+            cloud = self._clouds(view.provider)
+            state = await cloud.terminate_instance(identity_of(view))
+        except (CloudActionError, GpufleetError) as exc:
+            log.warning(
+                "instance.release_failed", launch_id=view.launch_id, error=str(exc)
+            )
+            view.detail = f"{why}; terminate failed, retrying: {exc}"[:500]
+            await self.store.save(view.launch_id, view)
+            return
+        self._idle_since.pop(view.launch_id, None)
+        self._away_since.pop(view.launch_id, None)
+        await self._set(view, st.RELEASED, f"{why}; {state}")
+        await self._events.emit(
+            "instance.released",
+            host_id=view.host_id,
+            cause=view.job_id,
+            launch_id=view.launch_id,
+            instance_id=view.instance_id,
+            detail=why,
+        )
+
+    async def sweep(self, places: Iterable[tuple[str, str, str]]) -> list[str]:
+        """Terminates instances tagged with this fleet that have no record.
+
+        Args:
+            places: (provider, region or zone, project) to look in.
+
+        Returns what was terminated, as launch ids.
+        """
+        known = {v.instance_id for v in self.instances.values() if v.instance_id}
+        known_ids = set(self.instances)
+        swept = []
+        for provider, where, project in places:
+            try:
+                cloud = self._clouds(provider)
+                if provider == "aws":
+                    refs = await cloud.list_launched(where, self.fleet)
+                else:
+                    refs = await cloud.list_launched(project, where, self.fleet)
+            except (CloudActionError, GpufleetError) as exc:
+                log.warning("instance.sweep_failed", where=where, error=str(exc))
+                continue
+            for ref in refs:
+                launch_id = getattr(ref, "launch_id", "") or ref.name
+                if ref.instance_id in known or launch_id in known_ids:
+                    continue
+                view = pb.LaunchedInstance(
+                    launch_id=launch_id or ref.instance_id,
+                    provider=provider,
+                    region=ref.region,
+                    zone=ref.zone,
+                    project=ref.project,
+                    instance_id=ref.instance_id,
+                    name=ref.name,
+                    lifecycle=ref.lifecycle,
+                    state=st.BOOTING,
+                    launched_at_s=self._clock(),
+                )
+                self.instances[view.launch_id] = view
+                await self.release(view, "found without a record (orphan)")
+                swept.append(view.launch_id)
+        return swept
+
+
+def identity_of(view: pb.LaunchedInstance) -> pb.HostIdentity:
+    """The host identity the cloud actions address the instance by."""
+    return pb.HostIdentity(
+        host_id=view.host_id or view.instance_id,
+        hostname=view.name,
+        provider=view.provider,
+        region=view.region,
+        zone=view.zone,
+        instance_id=view.name if view.provider == "gcp" else view.instance_id,
+        instance_type=view.instance_type,
+        spot=view.lifecycle == "spot",
+        project=view.project,
+    )
+
+
+def new_launch_id(job_id: str) -> str:
+    """A launch id: a valid GCE name and EC2 client token, naming the job."""
+    stem = re.sub(r"[^a-z0-9-]", "-", job_id.lower()).strip("-")[:24] or "job"
+    if not stem[0].isalpha():
+        stem = "j" + stem[:23]
+    launch_id = f"gf-{stem}-{uuid.uuid4().hex[:8]}"
+    assert _LAUNCH_ID.match(launch_id), launch_id
+    return launch_id

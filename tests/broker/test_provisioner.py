@@ -1,0 +1,342 @@
+"""The provisioner against moto's EC2: launch, fall through, release, sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from gpufleet.broker import instancestore as st
+from gpufleet.broker.clouds.aws import AwsActions
+from gpufleet.broker.events import EventBus
+from gpufleet.broker.instancestore import InstanceStore
+from gpufleet.broker.market import MarketCatalog
+from gpufleet.broker.market_config import AwsMarketConfig, MarketConfig
+from gpufleet.broker.provisioner import LAUNCH_LABEL, Provisioner
+from gpufleet.broker.provisioning_config import AwsLaunchConfig, ProvisioningConfig
+from gpufleet.broker.store import Store
+from gpufleet.proto import pb
+from tests.fakes.ec2_faults import Ec2FaultProxy, ec2_fault_proxy
+from tests.fakes.moto_ec2 import AMI_ID, moto_ec2_url  # noqa: F401
+
+REGION = "us-east-1"
+FLEET = "lab"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def proxy(moto_ec2_url: str) -> Iterator[Ec2FaultProxy]:  # noqa: F811
+    with ec2_fault_proxy(moto_ec2_url) as p:
+        yield p
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def _catalog(url: str) -> MarketCatalog:
+    cfg = MarketConfig(
+        enabled=True,
+        aws=AwsMarketConfig(regions=[REGION], instance_types=["g5.xlarge"]),
+    )
+    catalog = MarketCatalog(cfg, aws_endpoint_url=url)
+    catalog.load_tables()
+    assert await catalog.refresh() == []
+    return catalog
+
+
+def _provisioner(
+    url: str, catalog: MarketCatalog, store: Store, clock: Clock, **overrides: Any
+) -> tuple[Provisioner, list[asyncio.Task[None]]]:
+    cfg = ProvisioningConfig(
+        enabled=True,
+        broker_address="broker.lab.internal:50051",
+        agent_package="gpufleet[agent,nvidia]",
+        max_instances=overrides.pop("max_instances", 4),
+        enroll_timeout_s=600,
+        idle_release_s=300,
+        aws=AwsLaunchConfig(images={REGION: AMI_ID}),
+        **overrides,
+    )
+    tasks: list[asyncio.Task[None]] = []
+    actions = AwsActions(endpoint_url=url)
+    prov = Provisioner(
+        cfg,
+        catalog,
+        InstanceStore(store),
+        clouds=lambda provider: actions,
+        events=EventBus(store),
+        spawn=lambda coro, name: tasks.append(asyncio.create_task(coro, name=name)),
+        fleet=FLEET,
+        clock=clock,
+    )
+    return prov, tasks
+
+
+def _spec(**fields: Any) -> pb.JobSpec:
+    return pb.JobSpec(name="train", argv=["python", "train.py"], gpus=1, **fields)
+
+
+def _ec2(url: str) -> Any:
+    return boto3.client("ec2", region_name=REGION, endpoint_url=url)
+
+
+def _instance(url: str, instance_id: str) -> dict[str, Any]:
+    reply = _ec2(url).describe_instances(InstanceIds=[instance_id])
+    return dict(reply["Reservations"][0]["Instances"][0])
+
+
+async def _launched(prov: Provisioner, tasks: list[asyncio.Task[None]]) -> None:
+    await asyncio.gather(*tasks)
+    tasks.clear()
+
+
+def _host(view: pb.LaunchedInstance, status: str = "connected") -> Any:
+    from gpufleet.broker.fleet import HostState, host_facts
+    from gpufleet.broker.state import HostReaper
+
+    identity = pb.HostIdentity(
+        host_id=view.instance_id,
+        provider="aws",
+        region=view.region,
+        zone=view.zone,
+        instance_id=view.instance_id,
+        instance_type=view.instance_type,
+        spot=view.lifecycle == "spot",
+    )
+    return HostState(
+        identity=identity,
+        labels={LAUNCH_LABEL: view.launch_id},
+        agent_version="test",
+        reaper=HostReaper(host_facts(identity, {})),
+        status=status,
+    )
+
+
+async def test_provisioner_launches_the_best_spot_offer_with_the_startup_script(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """A job without a host gets a tagged spot instance whose user data
+    enrolls an agent with the broker's address and the launch id."""
+    catalog = await _catalog(proxy.url)
+    prov, tasks = _provisioner(proxy.url, catalog, store, Clock())
+    outcome = await prov.request("train-1", _spec(), lifecycles=("spot",))
+    assert outcome == "launching"
+    assert await prov.request("train-1", _spec(), lifecycles=("spot",)) == "pending"
+    await _launched(prov, tasks)
+    [view] = prov.live()
+    assert view.state == st.BOOTING
+    assert view.lifecycle == "spot"
+    assert view.zone.startswith(REGION)
+    instance = _instance(proxy.url, view.instance_id)
+    assert instance["InstanceLifecycle"] == "spot"
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    assert tags["gpufleet:launch-id"] == view.launch_id
+    assert tags["gpufleet:fleet"] == FLEET
+    attr = _ec2(proxy.url).describe_instance_attribute(
+        InstanceId=view.instance_id, Attribute="userData"
+    )
+    script = base64.b64decode(attr["UserData"]["Value"]).decode()
+    assert "broker.lab.internal:50051" in script
+    assert view.launch_id in script
+    # The record survives a broker restart.
+    again, _ = _provisioner(proxy.url, catalog, store, Clock())
+    await again.load()
+    assert again.instances[view.launch_id].instance_id == view.instance_id
+
+
+async def test_provisioner_falls_through_a_zone_without_capacity_and_avoids_one(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """No capacity in one zone and the zone just preempted avoided: the
+    launch lands in a third zone, and the failed try is on record."""
+    catalog = await _catalog(proxy.url)
+    zones = sorted({o.zone for o in catalog.offers(provider="aws", lifecycle="spot")})
+    assert len(zones) >= 3, zones
+    ranked = [
+        o.zone
+        for _, o in catalog.rank(
+            catalog.offers(provider="aws", lifecycle="spot"), lifecycles=("spot",)
+        )
+    ]
+    first, second = ranked[0], next(z for z in ranked if z != ranked[0])
+    proxy.fail("RunInstances", "InsufficientInstanceCapacity", zone=second)
+    prov, tasks = _provisioner(proxy.url, catalog, store, Clock())
+    await prov.request("train-2", _spec(), lifecycles=("spot",), avoid_zone=first)
+    await _launched(prov, tasks)
+    [view] = prov.live()
+    assert view.zone not in (first, second)
+    failed = [v for v in prov.instances.values() if v.state == st.FAILED]
+    assert [v.zone for v in failed] == [second]
+    assert failed[0].detail.startswith("capacity")
+
+
+async def test_provisioner_marks_spot_failed_then_launches_on_demand(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """When every spot offer fails the job's spot is marked unavailable, and
+    an on-demand request launches an on-demand instance."""
+    catalog = await _catalog(proxy.url)
+    proxy.fail("RunInstances", "InsufficientInstanceCapacity", instance_type="")
+    clock = Clock()
+    prov, tasks = _provisioner(proxy.url, catalog, store, clock)
+    await prov.request("train-3", _spec(), lifecycles=("spot",))
+    await _launched(prov, tasks)
+    assert prov.live() == []
+    assert prov.spot_failed_recently("train-3")
+    assert await prov.request("train-3", _spec(), lifecycles=("on-demand",)) == (
+        "backoff"
+    )
+    proxy.faults.clear()
+    clock.now += 61
+    assert await prov.request("train-3", _spec(), lifecycles=("on-demand",)) == (
+        "launching"
+    )
+    await _launched(prov, tasks)
+    [view] = prov.live()
+    assert view.lifecycle == "on-demand"
+    assert "InstanceLifecycle" not in _instance(proxy.url, view.instance_id)
+
+
+async def test_provisioner_stops_at_an_auth_error_instead_of_trying_every_zone(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """A permission error is not a capacity problem: one try, then back off."""
+    catalog = await _catalog(proxy.url)
+    proxy.fail("RunInstances", "UnauthorizedOperation")
+    prov, tasks = _provisioner(proxy.url, catalog, store, Clock())
+    await prov.request("train-4", _spec(), lifecycles=("spot", "on-demand"))
+    await _launched(prov, tasks)
+    assert len(proxy.actions("RunInstances")) == 1
+    [failed] = prov.instances.values()
+    assert failed.state == st.FAILED
+    assert "auth" in failed.detail
+
+
+async def test_provisioner_explains_why_no_offer_fits(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """An impossible request says what was asked for, and launches nothing."""
+    catalog = await _catalog(proxy.url)
+    prov, _ = _provisioner(proxy.url, catalog, store, Clock())
+    outcome = await prov.request(
+        "train-5", _spec(accelerator="h100", max_usd_per_hour=0.5), lifecycles=("spot",)
+    )
+    assert outcome.startswith("no-offer")
+    assert "accelerator h100" in outcome
+    assert "0.50 USD/h" in outcome
+    assert proxy.actions("RunInstances") == []
+
+
+async def test_provisioner_respects_the_instance_limit(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """At max_instances a further request launches nothing."""
+    catalog = await _catalog(proxy.url)
+    prov, tasks = _provisioner(proxy.url, catalog, store, Clock(), max_instances=1)
+    await prov.request("a", _spec(), lifecycles=("spot",))
+    await _launched(prov, tasks)
+    assert await prov.request("b", _spec(), lifecycles=("spot",)) == "at-limit"
+
+
+async def test_provisioner_enrolls_then_releases_an_idle_host_and_a_silent_one(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """An agent carrying the launch label enrolls its instance; once no job
+    runs there for idle_release_s it is terminated. An instance whose agent
+    never enrolls is terminated after enroll_timeout_s."""
+    catalog = await _catalog(proxy.url)
+    clock = Clock()
+    prov, tasks = _provisioner(proxy.url, catalog, store, clock)
+    await prov.request("used", _spec(), lifecycles=("spot",))
+    await prov.request("silent", _spec(), lifecycles=("spot",))
+    await _launched(prov, tasks)
+    used = next(v for v in prov.live() if v.job_id == "used")
+    silent = next(v for v in prov.live() if v.job_id == "silent")
+    host = _host(used)
+    busy = {used.instance_id}
+    await prov.tick({host.host_id: host}, lambda h: h in busy)
+    assert used.state == st.ENROLLED
+    assert prov.reserved_for(used.instance_id) == "used"
+    clock.now += 400
+    await prov.tick({host.host_id: host}, lambda h: h in busy)
+    assert used.state == st.ENROLLED  # busy: kept
+    busy.clear()
+    await prov.tick({host.host_id: host}, lambda h: h in busy)
+    clock.now += 301
+    await prov.tick({host.host_id: host}, lambda h: h in busy)
+    assert used.state == st.RELEASED
+    assert _instance(proxy.url, used.instance_id)["State"]["Name"] == "terminated"
+    clock.now += 600
+    await prov.tick({host.host_id: host}, lambda h: False)
+    assert silent.state == st.RELEASED
+    assert "did not enroll" in silent.detail
+    assert _instance(proxy.url, silent.instance_id)["State"]["Name"] == "terminated"
+
+
+async def test_provisioner_retries_a_failed_release_until_it_works(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """A terminate call that fails leaves the record releasing; the next
+    tick tries again, so nothing is left running."""
+    catalog = await _catalog(proxy.url)
+    clock = Clock()
+    prov, tasks = _provisioner(proxy.url, catalog, store, clock)
+    await prov.request("job", _spec(), lifecycles=("spot",))
+    await _launched(prov, tasks)
+    [view] = prov.live()
+    proxy.fail("TerminateInstances", "RequestLimitExceeded")
+    clock.now += 601
+    await prov.tick({}, lambda h: False)
+    assert view.state == st.RELEASING
+    proxy.faults.clear()
+    await prov.tick({}, lambda h: False)
+    assert view.state == st.RELEASED
+
+
+async def test_sweep_terminates_tagged_instances_without_a_record(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """An instance tagged with the fleet that the broker has no record of
+    (its launch outlived a crashed broker's database) is terminated; an
+    untagged one is left alone."""
+    ec2 = _ec2(proxy.url)
+    tags = [
+        {"Key": "gpufleet:fleet", "Value": FLEET},
+        {"Key": "gpufleet:managed", "Value": "true"},
+        {"Key": "gpufleet:launch-id", "Value": "gf-lost-0001"},
+    ]
+    orphan = ec2.run_instances(
+        ImageId=AMI_ID,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="g5.xlarge",
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"][0]["InstanceId"]
+    mine = ec2.run_instances(
+        ImageId=AMI_ID, MinCount=1, MaxCount=1, InstanceType="g5.xlarge"
+    )["Instances"][0]["InstanceId"]
+    catalog = await _catalog(proxy.url)
+    prov, _ = _provisioner(proxy.url, catalog, store, Clock())
+    swept = await prov.sweep([("aws", REGION, "")])
+    assert swept == ["gf-lost-0001"]
+    assert _instance(proxy.url, orphan)["State"]["Name"] == "terminated"
+    assert _instance(proxy.url, mine)["State"]["Name"] == "running"
