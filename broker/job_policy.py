@@ -8,6 +8,8 @@ on-demand, or nothing yet); the policies themselves live in
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
 
 from gpufleet.broker.spot_policy import (
@@ -19,12 +21,14 @@ from gpufleet.broker.spot_policy import (
 from gpufleet.errors import ConfigError
 from gpufleet.proto import pb
 
+_ACCELERATOR = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$|^$")
 _CLOCK_FIELDS = {f.name for f in dataclasses.fields(JobClock)}
 # A running job is moved by its policy at most this often, so that a policy
 # near its switching line cannot make the job flap between hosts.
 MIN_SWITCH_INTERVAL_S = 300.0
-# The deadline policies need the job's length; without it they degrade to
-# "spot when there is one, else on-demand".
+# The job manager decides once a second (core.jobs_loop): the policies
+# commit one decision early so that the deadline holds between two.
+TICK_S = 1.0
 
 
 def policy_of(spec: pb.JobSpec) -> PlacementPolicy | None:
@@ -40,6 +44,15 @@ def check_spec(spec: pb.JobSpec, now_s: float | None = None) -> list[str]:
     """What is wrong with a job's policy fields, each naming its flag."""
     now_s = time.time() if now_s is None else now_s
     problems = []
+    for flag, value in (
+        ("--deadline", spec.deadline_s),
+        ("--work-hours", spec.work_hours),
+        ("--max-price", spec.max_usd_per_hour),
+    ):
+        if not math.isfinite(value):
+            problems.append(f"{flag}: must be a finite number, got {value}")
+    if problems:
+        return problems
     try:
         policy_named(spec.policy)
     except ConfigError as exc:
@@ -53,6 +66,11 @@ def check_spec(spec: pb.JobSpec, now_s: float | None = None) -> list[str]:
         )
     if spec.work_hours < 0 or spec.work_hours > 24 * 365:
         problems.append(f"--work-hours: must be in 0..8760, got {spec.work_hours}")
+    if not _ACCELERATOR.match(spec.accelerator):
+        problems.append(
+            f"--accelerator: a GPU model such as a10g, l4 or a100-80gb, got "
+            f"{spec.accelerator[:40]!r}"
+        )
     if spec.max_usd_per_hour < 0:
         problems.append(
             f"--max-price: must be >= 0 USD an hour, got {spec.max_usd_per_hour}"
@@ -72,16 +90,23 @@ def decide(
 ) -> Choice:
     """What the job's policy chooses now."""
     spec = view.spec
+    work_s = spec.work_hours * 3600.0
+    if view.run_seconds >= work_s:
+        # The job outran its estimate: its length is unknown now, and the
+        # policies fall back to "spot when there is one, else on-demand"
+        # instead of waiting for work they think is done.
+        work_s = 0.0
     values = {
         "now_s": now_s,
         "deadline_s": spec.deadline_s,
-        "work_s": spec.work_hours * 3600.0,
+        "work_s": work_s,
         "done_s": view.run_seconds,
         "restart_s": restart_s,
         "current": current,
         "spot_available": spot_available,
         "notice": notice,
         "start_s": view.created_at_s,
+        "tick_s": TICK_S,
     }
     clock = JobClock(**{k: v for k, v in values.items() if k in _CLOCK_FIELDS})
     return policy.decide(clock)

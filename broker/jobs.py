@@ -524,6 +524,10 @@ class JobManager:
                 continue
             if job_policy.policy_of(view.spec) is None:
                 continue
+            if not view.spec.checkpoint_url:
+                # Without a shared checkpoint a move would restart the job
+                # from scratch: its policy places it, but never moves it.
+                continue
             host = self.core.fleet.hosts.get(view.host_id)
             if host is None or host.leaving:
                 continue
@@ -712,13 +716,27 @@ class JobManager:
                 or c.usd_per_hour <= spec.max_usd_per_hour
             )
         ]
-        return choose_host(
-            spec,
-            candidates,
-            exclude=exclude,
-            avoid_zone=avoid_zone,
-            prefer_hardware=prefer,
-        )
+        if lifecycles[:1] != ("spot",):
+            # On-demand first, or no preference: placement ranks on-demand
+            # hosts before spot ones itself.
+            return choose_host(
+                spec,
+                candidates,
+                exclude=exclude,
+                avoid_zone=avoid_zone,
+                prefer_hardware=prefer,
+            )
+        for spot in (True, False):
+            chosen = choose_host(
+                spec,
+                [c for c in candidates if c.spot == spot],
+                exclude=exclude,
+                avoid_zone=avoid_zone,
+                prefer_hardware=prefer,
+            )
+            if chosen is not None:
+                return chosen
+        return None
 
     def _candidates(self, job_id: str = "") -> list[Candidate]:
         busy = {

@@ -1,0 +1,202 @@
+"""Per-job placement policies in the live broker, with real agents."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gpufleet.agent.collectors.nvml import NvmlCollector
+from gpufleet.agent.config import IdentityConfig
+from gpufleet.proto import pb
+from tests.e2e.conftest import agent_config, eventually
+from tests.fakes.nvml import FakeNvml, a10g
+
+POLICY = "fleet: lab\ndefault: {action: notify}\n"
+COUNTER_JOB = Path(__file__).with_name("counter_job.py")
+# JobManager's default changeover time when the market is not configured.
+RESTART_S = 900.0
+
+
+ZONES = {"i-od": "us-east-1a", "i-spot": "us-east-1b"}
+
+
+async def _hosts(
+    tmp_path: Path,
+    broker: Any,
+    agent_factory: Any,
+    kinds: dict[str, bool],
+    connected_after: int = 0,
+) -> None:
+    """Starts one A10G agent per (instance id, spot) and waits until
+    ``connected_after`` hosts (default: these) are connected."""
+    for instance_id, spot in kinds.items():
+        identity = IdentityConfig(
+            discover=False,
+            provider="aws",
+            region="us-east-1",
+            zone=ZONES[instance_id],
+            instance_id=instance_id,
+            instance_type="g5.xlarge",
+            spot=spot,
+        )
+        cfg = agent_config(tmp_path, broker.addr, instance_id, identity=identity)
+        cfg.preemption.enabled = False
+        collector = NvmlCollector(FakeNvml([a10g(uuid=f"GPU-{instance_id}")]))
+        await agent_factory(cfg, collector)
+
+    async def connected() -> bool:
+        resp = await broker.admin().call("ListHosts", pb.ListHostsRequest())
+        count = sum(h.status == "connected" for h in resp.hosts)
+        return count == (connected_after or len(kinds))
+
+    await eventually(connected)
+
+
+def _spec(**fields: Any) -> pb.JobSpec:
+    return pb.JobSpec(
+        name="count",
+        gpus=1,
+        argv=[sys.executable, str(COUNTER_JOB), "100000"],
+        **fields,
+    )
+
+
+async def _submit(broker: Any, spec: pb.JobSpec) -> str:
+    view = await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+    return str(view.job_id)
+
+
+async def _job(broker: Any, job_id: str) -> pb.JobView:
+    return await broker.admin().call("GetJob", pb.JobRequest(job_id=job_id))
+
+
+async def _running_on(broker: Any, job_id: str, host: str) -> bool:
+    view = await _job(broker, job_id)
+    return view.state == "RUNNING" and view.host_id == host
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [("on-demand", "i-od"), ("greedy-spot", "i-spot"), ("gpufleet", "i-spot")],
+)
+async def test_a_job_lands_where_its_policy_says(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any, policy: str, expected: str
+) -> None:
+    """With an idle spot host and an idle on-demand host, on-demand picks the
+    on-demand one and the spot policies the spot one, with a loose deadline."""
+    broker = await broker_factory(policy=POLICY)
+    await _hosts(tmp_path, broker, agent_factory, {"i-od": False, "i-spot": True})
+    job_id = await _submit(
+        broker,
+        _spec(policy=policy, deadline_s=time.time() + 48 * 3600, work_hours=24),
+    )
+    await eventually(lambda: _running_on(broker, job_id, expected))
+    view = await _job(broker, job_id)
+    assert view.lifecycle == ("on-demand" if expected == "i-od" else "spot")
+    await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+
+
+async def test_a_deadline_without_slack_for_a_restart_goes_on_demand(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any
+) -> None:
+    """When the slack left is less than one restart, even the gpufleet policy
+    takes the on-demand host though a spot one is free."""
+    broker = await broker_factory(policy=POLICY)
+    await _hosts(tmp_path, broker, agent_factory, {"i-od": False, "i-spot": True})
+    work_h = 1.0
+    job_id = await _submit(
+        broker,
+        _spec(
+            policy="gpufleet",
+            work_hours=work_h,
+            deadline_s=time.time() + work_h * 3600 + RESTART_S / 2,
+        ),
+    )
+    await eventually(lambda: _running_on(broker, job_id, "i-od"))
+    await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+
+
+async def test_greedy_spot_waits_for_spot_then_falls_back_when_slack_runs_out(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any
+) -> None:
+    """Greedy spot with only an on-demand host waits while its slack covers a
+    restart, then starts on on-demand; the wait is in the job's history."""
+    broker = await broker_factory(policy=POLICY)
+    await _hosts(tmp_path, broker, agent_factory, {"i-od": False})
+    work_h = 0.5
+    wait_s = 4.0
+    submitted = time.time()
+    job_id = await _submit(
+        broker,
+        _spec(
+            policy="greedy-spot",
+            work_hours=work_h,
+            # The policy commits one tick (1 s) before the slack runs out.
+            deadline_s=submitted + work_h * 3600 + RESTART_S + 1.0 + wait_s,
+        ),
+    )
+    await eventually(lambda: _running_on(broker, job_id, "i-od"), timeout_s=20)
+    started = time.time()
+    view = await _job(broker, job_id)
+    kinds = [line.kind for line in view.history]
+    assert kinds.index("job.waiting-for-spot") < kinds.index("job.starting")
+    assert started - submitted >= wait_s - 1.0
+    await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"policy": "cheapest"}, "--policy"),
+        ({"deadline_s": 4e9}, "--deadline needs --work-hours"),
+        ({"deadline_s": 1.0, "work_hours": 1}, "the deadline has passed"),
+        ({"max_usd_per_hour": float("nan")}, "--max-price: must be a finite"),
+        ({"work_hours": float("inf")}, "--work-hours: must be a finite"),
+        ({"accelerator": "$(reboot)"}, "--accelerator"),
+    ],
+)
+async def test_submit_refuses_bad_policy_fields_with_the_flag_named(
+    tmp_path: Path, broker_factory: Any, fields: dict[str, Any], message: str
+) -> None:
+    """A policy, deadline, length, price or GPU model the broker cannot use is
+    refused at submission, naming the flag; no job is created."""
+    broker = await broker_factory(policy=POLICY)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _submit(broker, _spec(**fields))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert message in (err.value.details() or "")
+    jobs = await broker.admin().call("ListJobs", pb.ListJobsRequest())
+    assert list(jobs.jobs) == []
+
+
+async def test_a_job_on_demand_moves_to_spot_when_a_spot_host_appears(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any
+) -> None:
+    """The gpufleet policy runs a job on-demand while there is no spot; when
+    a spot host joins, the broker checkpoints the job and resumes it there."""
+    broker = await broker_factory(policy=POLICY)
+    await _hosts(tmp_path, broker, agent_factory, {"i-od": False})
+    job_id = await _submit(
+        broker,
+        _spec(
+            policy="gpufleet",
+            work_hours=2,
+            deadline_s=time.time() + 8 * 3600,
+            checkpoint_url=str(tmp_path / "ckpt"),
+        ),
+    )
+    await eventually(lambda: _running_on(broker, job_id, "i-od"))
+    await _hosts(tmp_path, broker, agent_factory, {"i-spot": True}, connected_after=2)
+    await eventually(lambda: _running_on(broker, job_id, "i-spot"), timeout_s=20)
+    view = await _job(broker, job_id)
+    assert view.lifecycle == "spot"
+    assert view.checkpoint_step > 0
+    history = {line.kind: line.detail for line in view.history}
+    assert history["job.checkpointing"] == "policy-spot"
+    assert "job.migrated" in history
+    await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
