@@ -111,6 +111,7 @@ class Provisioner:
         self._spot_failed: dict[str, float] = {}
         # Enrolled instances a job has run on: no longer waiting for their job.
         self._used: set[str] = set()
+        self._release_retry_at: dict[str, float] = {}
         self._script_cache: dict[str, str] = {}
 
     async def load(self) -> None:
@@ -455,8 +456,9 @@ class Provisioner:
                     )
             elif view.state == st.ENROLLED:
                 await self._check_enrolled(view, hosts.get(view.host_id), busy, now)
-            elif view.state == st.RELEASING and view.launch_id not in self._launching:
-                await self.release(view, view.detail or "release retried")
+            elif view.state == st.RELEASING:
+                if now >= self._release_retry_at.get(view.launch_id, 0.0):
+                    await self.release(view, view.detail or "release retried")
 
     async def _check_enrolled(
         self,
@@ -499,6 +501,9 @@ class Provisioner:
             )
             view.detail = f"{why}; terminate failed, retrying: {exc}"[:500]
             await self.store.save(view.launch_id, view)
+            self._release_retry_at[view.launch_id] = (
+                self._clock() + self.cfg.retry_after_s
+            )
             return
         self._idle_since.pop(view.launch_id, None)
         self._away_since.pop(view.launch_id, None)

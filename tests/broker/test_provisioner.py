@@ -295,8 +295,8 @@ async def test_provisioner_enrolls_then_releases_an_idle_host_and_a_silent_one(
 async def test_provisioner_retries_a_failed_release_until_it_works(
     proxy: Ec2FaultProxy, store: Store
 ) -> None:
-    """A terminate call that fails leaves the record releasing; the next
-    tick tries again, so nothing is left running."""
+    """A terminate call that fails leaves the record releasing; it is tried
+    again after retry_after_s, so nothing is left running."""
     catalog = await _catalog(proxy.url)
     clock = Clock()
     prov, tasks = _provisioner(proxy.url, catalog, store, clock)
@@ -308,6 +308,9 @@ async def test_provisioner_retries_a_failed_release_until_it_works(
     await prov.tick({}, lambda h: False)
     assert view.state == st.RELEASING
     proxy.faults.clear()
+    await prov.tick({}, lambda h: False)
+    assert view.state == st.RELEASING  # not before retry_after_s
+    clock.now += 61
     await prov.tick({}, lambda h: False)
     assert view.state == st.RELEASED
 

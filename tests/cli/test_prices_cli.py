@@ -1,88 +1,44 @@
-"""``gpufleet prices`` against an admin server that answers from a real catalog.
-
-The server implements only ListOffers, with the broker's own list_offers and
-a MarketCatalog on the shipped tables.
-"""
+"""``gpufleet prices``, ``gpufleet instances`` and ``jobs submit --deadline``
+against a real broker."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from concurrent import futures
+import socket
 from typing import Any
 
-import grpc
 import pytest
 
-from gpufleet.broker.admin_market import list_offers
-from gpufleet.broker.market import MarketCatalog, MarketConfig
-from gpufleet.cli.main import cli, main
-from gpufleet.cli.market import COMMANDS
-from gpufleet.errors import GpufleetError
-from gpufleet.proto import pb, rpc
+from gpufleet.broker.market_config import AwsMarketConfig, MarketConfig
+from gpufleet.cli.jobs import parse_deadline
+from gpufleet.cli.main import main
+from gpufleet.errors import ConfigError
+from tests.e2e.conftest import TOKEN
 
 Capture = pytest.CaptureFixture[str]
+POLICY = "fleet: cli\ndefault: {action: notify}\n"
 
 
-class _Clock:
-    now_s = 1.8e9
-
-    def __call__(self) -> float:
-        return self.now_s
+async def _run(addr: str, *args: str) -> int:
+    return await asyncio.to_thread(main, ["--broker", addr, "--token", TOKEN, *args])
 
 
-class _Offers(rpc.AdminServiceServicer):
-    def __init__(self, catalog: MarketCatalog | None) -> None:
-        self.catalog = catalog
-
-    def ListOffers(self, request: pb.ListOffersRequest, context: Any) -> Any:
-        try:
-            return asyncio.run(list_offers(self.catalog, request))
-        except GpufleetError as exc:
-            # The same detail shape as the broker's other admin calls.
-            detail = f"{exc}" + (f" (hint: {exc.hint})" if exc.hint else "")
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, detail)
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def _serve(catalog: MarketCatalog | None) -> tuple[grpc.Server, str]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    rpc.add_AdminServiceServicer_to_server(_Offers(catalog), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-@pytest.fixture(autouse=True)
-def _registered() -> None:
-    # main() registers the command modules it knows; add this one if absent.
-    for command in COMMANDS:
-        if command.name not in cli.commands:
-            cli.add_command(command)
-
-
-@pytest.fixture
-def clock() -> _Clock:
-    return _Clock()
-
-
-@pytest.fixture
-def broker(clock: _Clock) -> Iterator[tuple[str, MarketCatalog]]:
-    catalog = MarketCatalog(MarketConfig(enabled=True), clock=clock)
-    catalog.load_tables()
-    server, addr = _serve(catalog)
-    yield addr, catalog
-    server.stop(grace=None)
-
-
-def _run(addr: str, *args: str) -> int:
-    return main(["--broker", addr, "--token", "t", *args])
-
-
-def test_prices_json_lists_cheapest_a10g_first(broker: Any, capsys: Capture) -> None:
-    """--json prints one document whose offers are sorted by score."""
-    addr, _ = broker
-    code = _run(addr, "--json", "prices", "--accelerator", "A10G", "--limit", "2")
+async def test_prices_json_lists_cheapest_a10g_first(
+    broker_factory: Any, capsys: Capture
+) -> None:
+    """--json prints one document whose offers are sorted by score, from the
+    shipped tables of a broker with the market on."""
+    broker = await broker_factory(policy=POLICY, market=MarketConfig(enabled=True))
+    code = await _run(
+        broker.addr, "--json", "prices", "--accelerator", "A10G", "--limit", "2"
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert [o["instance_type"] for o in out["offers"]] == ["g5.xlarge", "g5.2xlarge"]
@@ -91,44 +47,65 @@ def test_prices_json_lists_cheapest_a10g_first(broker: Any, capsys: Capture) -> 
     assert out["stale"] is False
 
 
-def test_prices_table_has_header_with_age(broker: Any, capsys: Capture) -> None:
+async def test_prices_table_has_header_with_age(
+    broker_factory: Any, capsys: Capture
+) -> None:
     """The table view starts with the offer count and the catalog's age."""
-    addr, _ = broker
-    code = _run(addr, "prices", "--provider", "gcp", "--type", "g2-standard-4",
-                "--lifecycle", "spot", "--limit", "3")  # fmt: skip
+    broker = await broker_factory(policy=POLICY, market=MarketConfig(enabled=True))
+    args = ["--provider", "gcp", "--type", "g2-standard-4", "--lifecycle", "spot"]
+    code = await _run(broker.addr, "prices", *args, "--limit", "3")
     captured = capsys.readouterr()
     assert code == 0
     first = captured.out.splitlines()[0]
-    assert first.endswith("(0m00s ago)")
     assert first.startswith("40 offers")
+    assert "ago)" in first
     assert "g2-standard-4" in captured.out
     assert captured.err == ""
 
 
-def test_stale_catalog_warns_on_stderr(
-    broker: Any, clock: _Clock, capsys: Capture
+async def test_prices_warn_when_the_live_source_never_answered(
+    broker_factory: Any, capsys: Capture
 ) -> None:
-    """When the catalog is stale, stderr says how old the prices are."""
-    addr, catalog = broker
-    catalog.cfg.aws.regions = ["us-east-1"]
-    clock.now_s += 5 * 3600
-    code = _run(addr, "--json", "prices", "--limit", "1")
+    """A broker whose EC2 endpoint is down still lists prices, and says on
+    stderr that the catalog is stale and why."""
+    market = MarketConfig(
+        enabled=True,
+        aws=AwsMarketConfig(regions=["us-east-1"], instance_types=["g5.xlarge"]),
+    )
+    broker = await broker_factory(
+        policy=POLICY, market=market, aws_endpoint_url=_closed_port()
+    )
+    code = await _run(broker.addr, "--json", "prices", "--limit", "1")
     captured = capsys.readouterr()
     assert code == 0
-    assert "warning: prices are 5.0 h old (stale after 3.0 h)" in captured.err
-    assert json.loads(captured.out)["stale"] is True
+    assert "warning:" in captured.err
+    assert "us-east-1" in captured.err
+    doc = json.loads(captured.out)
+    assert doc["stale"] is True
+    assert len(doc["offers"]) == 1
 
 
-def test_unconfigured_market_is_an_error_with_the_config_hint(
-    capsys: Capture,
+async def test_prices_and_instances_explain_what_to_configure(
+    broker_factory: Any, capsys: Capture
 ) -> None:
-    """A broker without a market section answers with what to configure."""
-    server, addr = _serve(None)
-    try:
-        code = _run(addr, "prices")
-    finally:
-        server.stop(grace=None)
+    """A broker without the market or provisioning answers with the config
+    section to add, and the CLI exits 1."""
+    broker = await broker_factory(policy=POLICY)
+    assert await _run(broker.addr, "prices") == 1
     err = capsys.readouterr().err
-    assert code == 1
-    assert "no market catalog" in err
     assert "market:" in err
+    assert await _run(broker.addr, "instances") == 1
+    err = capsys.readouterr().err
+    assert "provisioning.enabled" in err
+
+
+def test_parse_deadline_reads_durations_and_iso_times() -> None:
+    """12h, 90m and 2d count from now; ISO times without a zone are UTC."""
+    now = 1_800_000_000.0
+    assert parse_deadline("12h", now) == now + 12 * 3600
+    assert parse_deadline("+90m", now) == now + 90 * 60
+    assert parse_deadline("2d", now) == now + 2 * 86400
+    assert parse_deadline("2027-01-15T12:00Z") == 1_800_014_400.0
+    assert parse_deadline("2027-01-15T12:00") == parse_deadline("2027-01-15T12:00Z")
+    with pytest.raises(ConfigError, match="--deadline 'tomorrow'"):
+        parse_deadline("tomorrow", now)
