@@ -96,9 +96,22 @@ def cli(
 
 
 def _register() -> None:
-    from gpufleet.cli import daemons, demo, dev, events, fleet, jobs, kernels, policy
+    from gpufleet.cli import (
+        daemons,
+        demo,
+        dev,
+        events,
+        fleet,
+        instances,
+        jobs,
+        kernels,
+        market,
+        policy,
+        simulate,
+    )
 
-    for module in (daemons, demo, dev, events, fleet, jobs, kernels, policy):
+    modules = (daemons, demo, dev, events, fleet, instances, jobs, kernels, market)
+    for module in (*modules, policy, simulate):
         for command in module.COMMANDS:
             cli.add_command(command)
 

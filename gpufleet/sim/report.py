@@ -1,0 +1,158 @@
+"""Summaries of a simulated fleet: per-policy totals, a table, JSON and a plot."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from gpufleet.errors import GpufleetError
+from gpufleet.sim.engine import HOUR_S, FleetRun
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySummary:
+    """Fleet totals for one policy. Money in USD, time in GPU-hours."""
+
+    policy: str
+    jobs: int
+    cost_usd: float
+    on_demand_cost_usd: float
+    cost_vs_on_demand_pct: float
+    deadline_misses: int
+    preemptions: int
+    migrations: int
+    lost_hours: float
+    steps_lost: int
+    idle_gpu_hours: float
+    spot_hours: float
+    on_demand_hours: float
+
+
+def summarize(run: FleetRun) -> list[PolicySummary]:
+    """Totals per policy, in the order the policies were run.
+
+    The on-demand reference is every job the policy ran, run once on
+    on-demand: its work plus one start-up changeover, at the on-demand price.
+    In fleet mode the policies may run different numbers of jobs.
+    """
+    spec = run.spec
+    gang = spec.gang
+    per_job_s = spec.job_hours * HOUR_S + spec.restart_minutes * 60.0
+    per_job_usd = per_job_s * spec.on_demand_price * gang / HOUR_S
+    rows = []
+    for name, outs in run.outcomes.items():
+        cost = sum(o.cost_usd for o in outs)
+        reference = len(outs) * per_job_usd
+        lost_h = sum(o.lost_s for o in outs) / HOUR_S
+        idle_s = sum(o.overhead_s + o.activity_idle_s for o in outs)
+        rows.append(
+            PolicySummary(
+                policy=name,
+                jobs=len(outs),
+                cost_usd=round(cost, 2),
+                on_demand_cost_usd=round(reference, 2),
+                cost_vs_on_demand_pct=round(100.0 * cost / reference, 2)
+                if reference
+                else 0.0,
+                deadline_misses=sum(o.missed for o in outs),
+                preemptions=sum(o.preemptions for o in outs),
+                migrations=sum(o.migrations for o in outs),
+                lost_hours=round(lost_h, 3),
+                steps_lost=round(lost_h * spec.steps_per_hour),
+                idle_gpu_hours=round(idle_s * gang / HOUR_S, 2),
+                spot_hours=round(sum(o.spot_s for o in outs) * gang / HOUR_S, 2),
+                on_demand_hours=round(
+                    sum(o.on_demand_s for o in outs) * gang / HOUR_S, 2
+                ),
+            )
+        )
+    return rows
+
+
+def to_document(run: FleetRun, rows: list[PolicySummary]) -> dict[str, Any]:
+    """The run as one JSON-ready document with stable snake_case keys."""
+    spec = asdict(run.spec)
+    spec["deadline_window_hours"] = run.spec.window_s / HOUR_S
+    return {
+        "mode": "staggered" if run.spec.staggered else "fleet",
+        "spec": spec,
+        "traces": run.traces,
+        "activity_modelled": run.activity_modelled,
+        "policies": [asdict(r) for r in rows],
+    }
+
+
+def render_table(console: Console, run: FleetRun, rows: list[PolicySummary]) -> None:
+    """Prints the per-policy totals as a Rich table."""
+    spec = run.spec
+    title = f"{spec.describe()}, {len(run.traces)} trace(s)"
+    table = Table(title=title)
+    for column in (
+        "policy",
+        "jobs",
+        "cost USD",
+        "vs on-demand",
+        "misses",
+        "preemptions",
+        "migrations",
+        "steps lost",
+        "idle GPU-h",
+    ):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for r in rows:
+        table.add_row(
+            r.policy,
+            str(r.jobs),
+            f"{r.cost_usd:,.2f}",
+            f"{r.cost_vs_on_demand_pct:.1f} %",
+            str(r.deadline_misses),
+            str(r.preemptions),
+            str(r.migrations),
+            f"{r.steps_lost:,}",
+            f"{r.idle_gpu_hours:,.1f}",
+        )
+    console.print(table)
+
+
+def write_plot(path: Path, run: FleetRun, rows: list[PolicySummary]) -> None:
+    """Writes a PNG: cost vs on-demand and deadline misses per policy.
+
+    Raises:
+        GpufleetError: matplotlib is not installed, or the file cannot be
+            written.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        raise GpufleetError(
+            "cannot write the plot: matplotlib is not installed",
+            hint="pip install 'gpufleet[sim]', or leave out --plot",
+        ) from None
+    names = [r.policy for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(names, [r.cost_vs_on_demand_pct for r in rows], color="#4c72b0")
+    left.axhline(100.0, color="grey", linewidth=0.8, linestyle="--")
+    left.set_ylabel("cost, % of on-demand")
+    right.bar(names, [r.deadline_misses for r in rows], color="#c44e52")
+    right.set_ylabel("deadline misses (jobs)")
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelrotation=20)
+    spec = run.spec
+    fig.suptitle(spec.describe())
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    except OSError as exc:
+        raise GpufleetError(
+            f"cannot write the plot to {path}: {exc}",
+            hint="pass --plot with a path in a writable folder",
+        ) from exc
+    finally:
+        plt.close(fig)

@@ -1,0 +1,264 @@
+"""Loading the recorded inputs of the fleet simulator.
+
+Spot traces are the SkyPilot "Can't Be Late" availability and preemption
+files (``data/skypilot-spot-traces``); GPU activity shapes are per-pod
+utilization rows (``data/alibaba-genai-2026``). Both are read once, checked,
+and turned into plain lists the engine can index quickly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpufleet.errors import ConfigError
+
+# Notice windows: AWS announces a spot interruption 2 minutes ahead
+# (EC2 "Spot Instance interruption notices"); GCP gives about 30 s
+# ("Preemption process", compute docs).
+AWS_NOTICE_S = 120.0
+GCP_NOTICE_S = 30.0
+
+# The activity rows come about once a minute; each stands for this long.
+ACTIVITY_SAMPLE_S = 60.0
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_NODES_DIR = re.compile(r"^(\d+)-node$")
+
+
+@dataclass(frozen=True, slots=True)
+class SpotTrace:
+    """One spot trace: a value per tick, ``gap_s`` apart.
+
+    ``values`` are preemption flags for a 1-node trace (0: spot can be had or
+    kept, 1: no spot) and counts of obtainable instances for a multi-node one
+    (``nodes`` > 1).
+    """
+
+    name: str
+    gap_s: float
+    values: list[int]
+    nodes: int
+    prices: list[float] | None
+    notice_window_s: float
+
+    @property
+    def duration_s(self) -> float:
+        """How long the trace lasts."""
+        return self.gap_s * len(self.values)
+
+    def availability(self, gang: int) -> list[bool]:
+        """Per tick, whether a gang of ``gang`` spot instances can be had."""
+        if self.nodes == 1:
+            return [v == 0 for v in self.values]
+        return [v >= gang for v in self.values]
+
+
+def default_traces_dir() -> Path | None:
+    """The repository's ``data/skypilot-spot-traces``, if run from a checkout."""
+    path = _REPO_ROOT / "data" / "skypilot-spot-traces"
+    return path if path.is_dir() else None
+
+
+def default_activity_file() -> Path | None:
+    """The repository's per-pod GPU utilization sample, if present."""
+    path = _REPO_ROOT / "data" / "alibaba-genai-2026" / "pod_gpu_duty_cycle_sample.csv"
+    return path if path.is_file() else None
+
+
+def _nodes_of(path: Path, values: list[int]) -> int:
+    for part in reversed(path.parts[:-1]):
+        match = _NODES_DIR.match(part)
+        if match:
+            return int(match.group(1))
+    return 1 if all(v in (0, 1) for v in values) else max(values)
+
+
+def _check_doc(doc: Any) -> tuple[list[str], float, list[Any], Any]:
+    problems: list[str] = []
+    if not isinstance(doc, dict):
+        return (
+            ["the top level must be an object with 'metadata' and 'data'"],
+            0,
+            [],
+            None,
+        )
+    meta = doc.get("metadata")
+    gap: Any = meta.get("gap_seconds") if isinstance(meta, dict) else None
+    if isinstance(gap, bool) or not isinstance(gap, int | float) or not gap > 0:
+        problems.append(f"metadata.gap_seconds must be a positive number, got {gap!r}")
+        gap = 0
+    data = doc.get("data")
+    if not isinstance(data, list):
+        problems.append(f"'data' must be a list, got {type(data).__name__}")
+        data = []
+    elif not data:
+        problems.append("'data' is empty: a trace needs at least one tick")
+    else:
+        bad = [
+            i
+            for i, v in enumerate(data)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0
+        ]
+        if bad:
+            problems.append(
+                f"'data' must hold non-negative integers; index {bad[0]} is "
+                f"{data[bad[0]]!r} ({len(bad)} bad values)"
+            )
+    prices = doc.get("prices")
+    if prices is not None:
+        if not isinstance(prices, list) or len(prices) != len(data):
+            problems.append(
+                f"'prices' must be a list as long as 'data' ({len(data)} values)"
+            )
+        elif not all(
+            isinstance(p, int | float)
+            and not isinstance(p, bool)
+            and math.isfinite(p)
+            and p >= 0
+            for p in prices
+        ):
+            problems.append("'prices' must hold non-negative numbers (USD per hour)")
+    return problems, float(gap), data, prices
+
+
+def load_trace(path: Path, root: Path | None = None) -> SpotTrace:
+    """Reads and checks one trace file.
+
+    Raises:
+        ConfigError: the file cannot be read or is not a valid trace; the
+            message names the file and every problem found.
+    """
+    hint = (
+        "a trace is JSON like "
+        '{"metadata": {"gap_seconds": 600}, "data": [0, 1, ...]}; '
+        "fix or remove the file, or pass another --traces folder"
+    )
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(
+            f"spot trace {path}", [f"cannot read it: {exc}"], hint=hint
+        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"spot trace {path}", [f"not valid JSON: {exc}"], hint=hint
+        ) from None
+    problems, gap_s, data, prices = _check_doc(doc)
+    if problems:
+        raise ConfigError(f"spot trace {path}", problems, hint=hint)
+    name = str(path.relative_to(root)) if root else path.name
+    notice = GCP_NOTICE_S if "gcp" in name.lower() else AWS_NOTICE_S
+    return SpotTrace(
+        name=name,
+        gap_s=gap_s,
+        values=list(data),
+        nodes=_nodes_of(path, data),
+        prices=[float(p) for p in prices] if prices is not None else None,
+        notice_window_s=notice,
+    )
+
+
+def load_traces(folder: Path) -> list[SpotTrace]:
+    """Every ``*.json`` trace under ``folder``, sorted by path.
+
+    Raises:
+        ConfigError: the folder is missing or holds no trace, or a trace is
+            invalid.
+    """
+    if not folder.is_dir():
+        raise ConfigError(
+            "--traces",
+            [f"trace folder {folder} does not exist or is not a folder"],
+            hint="pass --traces DIR with SkyPilot spot traces (*.json), e.g. "
+            "data/skypilot-spot-traces from a gpufleet checkout",
+        )
+    files = sorted(folder.rglob("*.json"))
+    if not files:
+        raise ConfigError(
+            "--traces",
+            [f"trace folder {folder} holds no *.json trace"],
+            hint="pass --traces DIR with SkyPilot spot traces (*.json)",
+        )
+    return [load_trace(f, folder) for f in files]
+
+
+class ActivityShapes:
+    """Per-pod GPU busy/idle minutes, replayed as the jobs' own idle time.
+
+    A job's compute time is laid over one pod's rows (cycled when longer);
+    rows with 0 % utilization count as idle.
+    """
+
+    def __init__(self, idle_flags: list[list[bool]]) -> None:
+        self._cumulative: list[list[int]] = []
+        for flags in idle_flags:
+            running = [0]
+            for idle in flags:
+                running.append(running[-1] + int(idle))
+            self._cumulative.append(running)
+
+    def __len__(self) -> int:
+        return len(self._cumulative)
+
+    def idle_s(self, shape: int, compute_s: float) -> float:
+        """Idle seconds within the first ``compute_s`` of shape ``shape``."""
+        cum = self._cumulative[shape % len(self._cumulative)]
+        rows = len(cum) - 1
+        whole_rows = int(compute_s // ACTIVITY_SAMPLE_S)
+        cycles, rest = divmod(whole_rows, rows)
+        idle_rows = cycles * cum[-1] + cum[rest]
+        tail_s = compute_s - whole_rows * ACTIVITY_SAMPLE_S
+        tail_idle = cum[rest + 1] - cum[rest] if rest < rows else 0
+        return idle_rows * ACTIVITY_SAMPLE_S + tail_idle * tail_s
+
+    def idle_ratio(self, shape: int) -> float:
+        """The share of idle rows of shape ``shape``."""
+        cum = self._cumulative[shape % len(self._cumulative)]
+        return cum[-1] / (len(cum) - 1)
+
+
+def load_activity(path: Path) -> ActivityShapes:
+    """Reads a ``timestamp_anon,container_ip,gpu_util_pct`` CSV.
+
+    Raises:
+        ConfigError: the file cannot be read, lacks a column, or holds a
+            value that is not a number.
+    """
+    rows: dict[str, list[tuple[float, float]]] = {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            need = {"timestamp_anon", "container_ip", "gpu_util_pct"}
+            missing = need - set(reader.fieldnames or [])
+            if missing:
+                raise ConfigError(
+                    f"activity file {path}",
+                    [f"missing column(s): {', '.join(sorted(missing))}"],
+                    hint="pass a CSV with columns timestamp_anon,container_ip,"
+                    "gpu_util_pct",
+                )
+            for line_no, row in enumerate(reader, start=2):
+                try:
+                    ts = float(row["timestamp_anon"])
+                    util = float(row["gpu_util_pct"])
+                except (TypeError, ValueError):
+                    raise ConfigError(
+                        f"activity file {path}",
+                        [f"line {line_no}: timestamp or utilization is not a number"],
+                    ) from None
+                rows.setdefault(row["container_ip"], []).append((ts, util))
+    except OSError as exc:
+        raise ConfigError(f"activity file {path}", [f"cannot read it: {exc}"]) from exc
+    if not rows:
+        raise ConfigError(f"activity file {path}", ["it holds no rows"])
+    shapes = [
+        [util <= 0.0 for _, util in sorted(series)]
+        for _, series in sorted(rows.items())
+    ]
+    return ActivityShapes(shapes)

@@ -1,0 +1,173 @@
+"""The ``gpufleet simulate`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gpufleet.cli.simulate import COMMANDS, simulate
+from gpufleet.errors import ConfigError
+from tests.sim.helpers import write_trace
+
+
+@pytest.fixture
+def traces(tmp_path: Path) -> Path:
+    """A folder with two small hourly traces."""
+    folder = tmp_path / "traces"
+    write_trace(folder / "a.json", [0, 0, 1, 1, 0, 0] * 40)
+    write_trace(folder / "sub" / "b.json", [1, 0] * 120)
+    return folder
+
+
+def invoke(*args: str) -> object:
+    """Runs the command in-process."""
+    return CliRunner().invoke(simulate, list(args), catch_exceptions=True)
+
+
+def test_command_is_exported() -> None:
+    """The module exports its command for registration."""
+    assert [simulate] == COMMANDS
+
+
+def test_json_document(traces: Path) -> None:
+    """--json prints one document with a row per policy run."""
+    result = invoke(
+        "--traces",
+        str(traces),
+        "--jobs",
+        "4",
+        "--days",
+        "5",
+        "--job-hours",
+        "4",
+        "--slack",
+        "2",
+        "--policy",
+        "on-demand",
+        "--policy",
+        "gpufleet",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    rows = {r["policy"]: r for r in doc["policies"]}
+    assert list(rows) == ["on-demand", "gpufleet"]
+    assert rows["on-demand"]["cost_vs_on_demand_pct"] == 100.0
+    assert rows["gpufleet"]["deadline_misses"] == 0
+    assert doc["spec"]["deadline_window_hours"] == 8.0
+    assert doc["traces"] == ["a.json", "sub/b.json"]
+
+
+def test_table_lists_every_policy(traces: Path) -> None:
+    """Without --json, a table names all four policies."""
+    result = invoke("--traces", str(traces), "--jobs", "3", "--days", "4")
+    assert result.exit_code == 0, result.output
+    for name in ("on-demand", "greedy-spot", "uniform-progress", "gpufleet"):
+        assert name in result.stdout
+
+
+def test_bad_options_are_one_config_error(traces: Path) -> None:
+    """Invalid numbers and an unknown policy are reported together."""
+    result = invoke("--traces", str(traces), "--jobs", "0", "--policy", "nope")
+    assert isinstance(result.exception, ConfigError)
+    problems = result.exception.problems
+    assert any("--jobs" in p for p in problems)
+    assert any("nope" in p for p in problems)
+
+
+def test_missing_traces_folder(tmp_path: Path) -> None:
+    """A missing --traces folder is a ConfigError naming the option."""
+    result = invoke("--traces", str(tmp_path / "none"))
+    assert isinstance(result.exception, ConfigError)
+    assert "--traces" in str(result.exception)
+
+
+def test_plot_is_a_png(traces: Path, tmp_path: Path) -> None:
+    """--plot writes a PNG file."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plot.png"
+    result = invoke(
+        "--traces", str(traces), "--jobs", "2", "--days", "4", "--plot", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_names_the_extra(
+    traces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without matplotlib, --plot fails with the pip command to install it."""
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    result = invoke(
+        "--traces",
+        str(traces),
+        "--jobs",
+        "1",
+        "--days",
+        "4",
+        "--plot",
+        str(tmp_path / "p.png"),
+    )
+    assert result.exception is not None
+    assert "gpufleet[sim]" in (getattr(result.exception, "hint", "") or "")
+
+
+def test_default_is_the_fleet_mode(traces: Path) -> None:
+    """Without --jobs, 100 host slots run jobs back to back; the title says so."""
+    result = invoke("--traces", str(traces), "--days", "2", "--policy", "on-demand")
+    assert result.exit_code == 0, result.output
+    assert "100 hosts x 2 days" in result.stdout
+    doc = json.loads(
+        invoke(
+            "--traces", str(traces), "--days", "2", "--policy", "on-demand", "--json"
+        ).stdout
+    )
+    assert doc["mode"] == "fleet"
+    assert doc["spec"]["hosts"] == 100
+    assert doc["spec"]["jobs"] is None
+    # 48.2 h on-demand jobs in a 2-day period: one job per slot.
+    assert doc["policies"][0]["jobs"] == 100
+
+
+def test_hosts_and_job_gap(traces: Path) -> None:
+    """--hosts and --job-gap-hours shape the fleet; jobs are counted per policy."""
+    result = invoke(
+        "--traces",
+        str(traces),
+        "--hosts",
+        "3",
+        "--days",
+        "3",
+        "--job-hours",
+        "4",
+        "--job-gap-hours",
+        "2",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["spec"]["hosts"] == 3
+    assert doc["spec"]["job_gap_hours"] == 2.0
+    assert all(r["jobs"] >= 3 for r in doc["policies"])
+
+
+def test_hosts_with_jobs_is_refused(traces: Path) -> None:
+    """--hosts and --jobs together, or --job-gap-hours with --jobs, are refused."""
+    result = invoke(
+        "--traces", str(traces), "--hosts", "3", "--jobs", "3", "--job-gap-hours", "1"
+    )
+    assert isinstance(result.exception, ConfigError)
+    problems = result.exception.problems
+    assert any("--hosts" in p and "--jobs" in p for p in problems)
+    assert any("--job-gap-hours" in p for p in problems)
+
+
+def test_per_tick_gives_the_same_table(traces: Path) -> None:
+    """--per-tick (every tick asked) prints the same totals as the default."""
+    args = ["--traces", str(traces), "--hosts", "4", "--days", "4", "--json"]
+    fast = json.loads(invoke(*args).stdout)
+    slow = json.loads(invoke(*args, "--per-tick").stdout)
+    assert fast["policies"] == slow["policies"]
