@@ -26,6 +26,8 @@ venv: $(VENV)/.stamp-base
 demo: $(VENV)/.stamp-base
 	$(VENV)/bin/gpufleet demo
 	$(VENV)/bin/gpufleet demo migrate
+	$(VENV)/bin/gpufleet demo spot
+	$(VENV)/bin/gpufleet simulate
 
 test: $(VENV)/.stamp-dev
 	$(VENV)/bin/pytest -q

@@ -130,4 +130,34 @@ def migrate(
         raise click.exceptions.Exit(code)
 
 
+@demo.command("spot")
+@click.option(
+    "--steps",
+    type=click.IntRange(60, 100_000),
+    default=300,
+    show_default=True,
+    help="Training steps of the job.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep logs, checkpoints and the database here (default: a temp folder).",
+)
+@click.pass_context
+def spot(ctx: click.Context, steps: int, out_dir: Path | None) -> None:
+    """An empty fleet buys spot hosts for a job, moves it on a notice, and
+    gives every host back.
+
+    Exits 1 when a step was lost, the replacement landed in the preempted
+    zone, or an instance was left running.
+    """
+    from gpufleet.demo.spot import run_spot_demo
+
+    logs.configure(ctx.find_root().meta.get("log_level") or "warning")
+    code = run_spot_demo(steps=steps, out_dir=out_dir)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
 COMMANDS = [demo]
