@@ -46,6 +46,9 @@ LOST_RELEASE_S = 120.0
 # long (it may then choose on-demand); spot capacity returns within minutes
 # to hours, the SkyPilot traces show.
 SPOT_RETRY_S = 600.0
+# How often the configured regions and zones are searched for instances of
+# the fleet that no live record holds (the first search is at start).
+SWEEP_INTERVAL_S = 600.0
 # Offers tried for one request before the job waits for the next round.
 MAX_OFFERS_PER_REQUEST = 8
 _LAUNCH_ID = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
@@ -79,6 +82,7 @@ class Provisioner:
         events: the broker's event bus (``emit``).
         spawn: runs a coroutine as a task the broker owns.
         fleet: the fleet's name, tagged on every instance.
+        places: (provider, region or zone, project) searched for orphans.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Provisioner:
         fleet: str,
         metrics: Any = None,
         clock: Callable[[], float] = time.time,
+        places: Iterable[tuple[str, str, str]] = (),
     ) -> None:
         self.cfg = cfg
         self.catalog = catalog
@@ -112,6 +117,10 @@ class Provisioner:
         # Enrolled instances a job has run on: no longer waiting for their job.
         self._used: set[str] = set()
         self._release_retry_at: dict[str, float] = {}
+        # Where to look for instances of this fleet that no record holds.
+        self.places = list(places)
+        self._next_sweep_s = 0.0
+        self._sweeping = False
         self._script_cache: dict[str, str] = {}
 
     async def load(self) -> None:
@@ -430,6 +439,7 @@ class Provisioner:
             busy: whether a job holds (or is starting on) a host.
         """
         now = self._clock()
+        self._maybe_sweep(now)
         enrolled_hosts = set()
         for host in hosts.values():
             view = self.view_of(host)
@@ -456,9 +466,10 @@ class Provisioner:
                     )
             elif view.state == st.ENROLLED:
                 await self._check_enrolled(view, hosts.get(view.host_id), busy, now)
-            elif view.state == st.RELEASING:
-                if now >= self._release_retry_at.get(view.launch_id, 0.0):
-                    await self.release(view, view.detail or "release retried")
+            elif view.state == st.RELEASING and now >= self._release_retry_at.get(
+                view.launch_id, 0.0
+            ):
+                await self.release(view, view.detail or "release retried")
 
     async def _check_enrolled(
         self,
@@ -518,15 +529,20 @@ class Provisioner:
         )
 
     async def sweep(self, places: Iterable[tuple[str, str, str]]) -> list[str]:
-        """Terminates instances tagged with this fleet that have no record.
+        """Terminates running instances tagged with this fleet that no live
+        record holds: launched by a broker that died before it stored them,
+        or whose launch call timed out after the cloud had started them.
 
         Args:
             places: (provider, region or zone, project) to look in.
 
         Returns what was terminated, as launch ids.
         """
-        known = {v.instance_id for v in self.instances.values() if v.instance_id}
-        known_ids = set(self.instances)
+        from gpufleet.broker.clouds.base import InstanceState
+
+        live = [v for v in self.instances.values() if v.state in st.LIVE_STATES]
+        live_ids = {v.instance_id for v in live if v.instance_id}
+        live_launches = {v.launch_id for v in live}
         swept = []
         for provider, where, project in places:
             try:
@@ -539,11 +555,14 @@ class Provisioner:
                 log.warning("instance.sweep_failed", where=where, error=str(exc))
                 continue
             for ref in refs:
-                launch_id = getattr(ref, "launch_id", "") or ref.name
-                if ref.instance_id in known or launch_id in known_ids:
+                launch_id = ref.launch_id or ref.name or ref.instance_id
+                if ref.instance_id in live_ids or launch_id in live_launches:
                     continue
+                if ref.state in InstanceState.GONE:
+                    continue
+                known = self.instances.get(launch_id)
                 view = pb.LaunchedInstance(
-                    launch_id=launch_id or ref.instance_id,
+                    launch_id=launch_id,
                     provider=provider,
                     region=ref.region,
                     zone=ref.zone,
@@ -551,13 +570,39 @@ class Provisioner:
                     instance_id=ref.instance_id,
                     name=ref.name,
                     lifecycle=ref.lifecycle,
+                    instance_type=known.instance_type if known else "",
+                    job_id=known.job_id if known else "",
                     state=st.BOOTING,
-                    launched_at_s=self._clock(),
+                    launched_at_s=known.launched_at_s if known else self._clock(),
                 )
-                self.instances[view.launch_id] = view
-                await self.release(view, "found without a record (orphan)")
-                swept.append(view.launch_id)
+                self.instances[launch_id] = view
+                why = (
+                    "running though its launch was recorded as failed"
+                    if known
+                    else "found without a record (orphan)"
+                )
+                await self.release(view, why)
+                swept.append(launch_id)
         return swept
+
+    def _maybe_sweep(self, now: float) -> None:
+        """Starts a sweep of the configured places every SWEEP_INTERVAL_S."""
+        if not self.places or self._sweeping or now < self._next_sweep_s:
+            return
+        self._next_sweep_s = now + SWEEP_INTERVAL_S
+        self._sweeping = True
+
+        async def run() -> None:
+            try:
+                swept = await self.sweep(self.places)
+                if swept:
+                    log.warning("instance.orphans_terminated", launch_ids=swept)
+            except Exception:
+                log.exception("instance.sweep_failed")
+            finally:
+                self._sweeping = False
+
+        self._spawn(run(), "instance-sweep")
 
 
 def identity_of(view: pb.LaunchedInstance) -> pb.HostIdentity:

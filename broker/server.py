@@ -138,6 +138,7 @@ def _provisioner(
         spawn=core.spawn,
         fleet=fleet,
         metrics=core.metrics,
+        places=_places(cfg),
     )
 
 
@@ -157,22 +158,13 @@ async def _first_refresh(market: Any) -> None:
         log.warning("market.refresh_warning", detail=warning)
 
 
-async def _sweep(cfg: BrokerConfig, provisioner: Any) -> None:
-    """Terminates instances of this fleet that the broker has no record of
-    (launched by a broker that died before it could store them)."""
-    places: list[tuple[str, str, str]] = []
-    if cfg.provisioning.aws.images:
-        places += [("aws", region, "") for region in cfg.provisioning.aws.images]
+def _places(cfg: BrokerConfig) -> list[tuple[str, str, str]]:
+    """Where the provisioner looks for instances of this fleet."""
+    places = [("aws", region, "") for region in cfg.provisioning.aws.images]
     gcp = cfg.provisioning.gcp
     if gcp.project:
         places += [("gcp", zone, gcp.project) for zone in cfg.market.gcp.zones]
-    try:
-        swept = await provisioner.sweep(places)
-    except Exception:
-        log.exception("instance.sweep_failed")
-        return
-    if swept:
-        log.warning("instance.orphans_terminated", launch_ids=swept)
+    return places
 
 
 def _credentials(cfg: BrokerConfig) -> grpc.ServerCredentials | None:
@@ -290,8 +282,6 @@ async def run_broker(
             tg.create_task(core.history_loop(cfg.history_retention_s), name="history")
             if market is not None:
                 tg.create_task(market.run(stop), name="market")
-            if provisioner is not None:
-                tg.create_task(_sweep(cfg, provisioner), name="sweep")
             await events.emit(
                 "broker.started", cause="start", version=gpufleet.__version__
             )

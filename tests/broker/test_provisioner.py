@@ -343,3 +343,35 @@ async def test_sweep_terminates_tagged_instances_without_a_record(
     assert swept == ["gf-lost-0001"]
     assert _instance(proxy.url, orphan)["State"]["Name"] == "terminated"
     assert _instance(proxy.url, mine)["State"]["Name"] == "running"
+
+
+async def test_tick_sweeps_an_instance_whose_launch_was_recorded_as_failed(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """A launch call that timed out after EC2 started the instance leaves a
+    failed record and a running instance; the periodic sweep (first at the
+    first tick) terminates it."""
+    ec2 = _ec2(proxy.url)
+    tags = [
+        {"Key": "gpufleet:fleet", "Value": FLEET},
+        {"Key": "gpufleet:managed", "Value": "true"},
+        {"Key": "gpufleet:launch-id", "Value": "gf-late-0002"},
+    ]
+    late = ec2.run_instances(
+        ImageId=AMI_ID,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="g5.xlarge",
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"][0]["InstanceId"]
+    catalog = await _catalog(proxy.url)
+    prov, tasks = _provisioner(proxy.url, catalog, store, Clock())
+    prov.places = [("aws", REGION, "")]
+    prov.instances["gf-late-0002"] = pb.LaunchedInstance(
+        launch_id="gf-late-0002", provider="aws", region=REGION, state=st.FAILED
+    )
+    await prov.tick({}, lambda h: False)
+    await asyncio.gather(*tasks)
+    assert _instance(proxy.url, late)["State"]["Name"] == "terminated"
+    assert prov.instances["gf-late-0002"].state == st.RELEASED
+    assert "recorded as failed" in prov.instances["gf-late-0002"].detail
