@@ -12,6 +12,8 @@ import csv
 import datetime as dt
 import io
 import math
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,14 @@ def _text(value: str) -> str | None:
     return None if value else "must not be empty"
 
 
+# A GPU count above this is a typo (the largest instances hold 16 GPUs).
+MAX_GPUS = 256
+_NUMBER = re.compile(r"^-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$|^\.[0-9]+$")
+
+
 def _price(value: str) -> str | None:
+    if not _NUMBER.match(value):
+        return f"{value!r} is not a price in USD per hour"
     try:
         number = float(value)
     except ValueError:
@@ -55,8 +64,8 @@ def _price(value: str) -> str | None:
 
 
 def _count(value: str) -> str | None:
-    if not value.isdigit():
-        return f"{value!r} is not a whole number >= 0"
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_GPUS:
+        return f"{value!r} is not a whole number of GPUs from 0 to {MAX_GPUS}"
     return None
 
 
@@ -65,6 +74,9 @@ def _band(value: str) -> str | None:
         return f"{value!r} is not an advisor band index 0-4"
     return None
 
+
+# The columns that name what a row prices: two rows may not share them.
+_KEY_COLUMNS = frozenset({"region", "zone", "instance_type", "machine_type"})
 
 _CHECKS: dict[str, _Check] = {
     "usd_per_hour": _price,
@@ -105,7 +117,8 @@ def load_table(
         else f"fix the rows named above; the columns are {','.join(columns)}"
     )
     try:
-        text = file.read_text(encoding="utf-8")
+        # utf-8-sig: a table saved by a spreadsheet starts with a BOM.
+        text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"market table {file}", [f"cannot read it: {exc}"], hint=hint
@@ -137,6 +150,8 @@ def parse_table(
         )
         return Table(path, [], as_of_s)
     rows: list[tuple[int, Row]] = []
+    keys = [c for c in columns if c in _KEY_COLUMNS]
+    first_line: dict[tuple[str, ...], int] = {}
     for fields in reader:
         line = reader.line_num + skipped
         if not fields or all(not f.strip() for f in fields):
@@ -152,7 +167,14 @@ def parse_table(
             why = _CHECKS.get(column, _text)(row[column])
             if why is not None:
                 problems.append(f"{path}:{line}: column {index} ({column}): {why}")
-        if len(problems) == found:
+        key = tuple(row[c] for c in keys)
+        if keys and key in first_line:
+            problems.append(
+                f"{path}:{line}: duplicate of line {first_line[key]} for "
+                f"{' '.join(key)}"
+            )
+        elif len(problems) == found:
+            first_line[key] = line
             rows.append((line, row))
     return Table(path, rows, as_of_s)
 
@@ -165,4 +187,7 @@ def _parse_as_of(value: str, where: str, problems: list[str]) -> float:
         return 0.0
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
+    if when.timestamp() > time.time() + 86400:
+        problems.append(f"{where}: as_of {value!r} is in the future")
+        return 0.0
     return when.timestamp()

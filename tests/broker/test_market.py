@@ -100,15 +100,39 @@ def test_bad_gcp_prices_file_names_file_line_and_column(tmp_path: Path) -> None:
     prices.write_text(
         GCP_HEADER + "us-central1,g2-standard-4,l4,1,-0.25,0.70\n"
         "us-central1,g2-standard-8,l4,one,0.30,nan\n"
+        "us-central1,g2-standard-12,l4,\u00b2,1_000,0.70\n"
+        "us-central1,g2-standard-16,l4,99999999999999999999,0.30,0.70\n"
+        "us-central1,g2-standard-24,l4,2,0.50,1.40\n"
+        "us-central1,g2-standard-24,l4,2,0.20,1.40\n",
+        encoding="utf-8",
     )
     catalog = MarketCatalog(MarketConfig(gcp=GcpMarketConfig(prices_file=prices)))
     with pytest.raises(ConfigError) as caught:
         catalog.load_tables()
+    whole = "is not a whole number of GPUs from 0 to 256"
     assert caught.value.problems == [
         f"{prices}:2: column 5 (spot_usd_per_hour): '-0.25' is not a price >= 0",
-        f"{prices}:3: column 4 (gpus): 'one' is not a whole number >= 0",
-        f"{prices}:3: column 6 (ondemand_usd_per_hour): 'nan' is not a price >= 0",
+        f"{prices}:3: column 4 (gpus): 'one' {whole}",
+        f"{prices}:3: column 6 (ondemand_usd_per_hour): 'nan' is not a price in "
+        "USD per hour",
+        f"{prices}:4: column 4 (gpus): '\u00b2' {whole}",
+        f"{prices}:4: column 5 (spot_usd_per_hour): '1_000' is not a price in "
+        "USD per hour",
+        f"{prices}:5: column 4 (gpus): '99999999999999999999' {whole}",
+        f"{prices}:7: duplicate of line 6 for us-central1 g2-standard-24",
     ]
+
+
+def test_a_table_saved_with_a_bom_and_crlf_loads(tmp_path: Path) -> None:
+    """A spreadsheet's UTF-8 BOM and CRLF line ends are accepted."""
+    prices = tmp_path / "gcp.csv"
+    text = GCP_HEADER + "us-central1,g2-standard-4,l4,1,0.25,0.70\n"
+    prices.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    catalog = MarketCatalog(MarketConfig(gcp=GcpMarketConfig(prices_file=prices)))
+    catalog.load_tables()
+    assert {o.instance_type for o in catalog.offers(provider="gcp")} == {
+        "g2-standard-4"
+    }
 
 
 def test_wrong_header_is_reported_with_expected_columns(tmp_path: Path) -> None:
