@@ -408,7 +408,13 @@ class JobManager:
         now = time.time()
         self._account(now)
         if self.provisioner is not None:
-            await self.provisioner.tick(self.core.fleet.hosts, self.holds_host)
+            try:
+                await self.provisioner.tick(
+                    self.core.fleet.hosts, self.holds_host, self._job_ended
+                )
+            except Exception:
+                # Placing and moving jobs must go on whatever a cloud answers.
+                log.exception("jobs.provisioner_tick_failed")
         await self.place_pending()
         await self._apply_policies(now)
         for record in list(self.jobs.values()):
@@ -839,6 +845,10 @@ class JobManager:
             and record.migration is not None
             and record.migration.get("phase") == "restore"
         )
+
+    def _job_ended(self, job_id: str) -> bool:
+        record = self.jobs.get(job_id)
+        return record is None or record.view.state in TERMINAL
 
     def holds_host(self, host_id: str) -> bool:
         """Whether a job runs, or is starting, on the host."""

@@ -113,6 +113,9 @@ class Provisioner:
         self._idle_since: dict[str, float] = {}
         self._away_since: dict[str, float] = {}
         self._launching: set[str] = set()
+        # Launch ids whose cloud call is in flight: the sweep leaves them be.
+        self._inflight: set[str] = set()
+        self._release_why: dict[str, str] = {}
         self._spot_failed: dict[str, float] = {}
         # Enrolled instances a job has run on: no longer waiting for their job.
         self._used: set[str] = set()
@@ -158,12 +161,23 @@ class Provisioner:
         return ""
 
     def view_of(self, host: HostState) -> pb.LaunchedInstance | None:
+        """The launch record of a host, matched by the instance id its agent
+        read from the cloud's metadata service.
+
+        The launch label alone proves nothing: any agent may carry it, and a
+        host made from an image of a launched one keeps it. A host whose
+        label names a launch but whose instance id is another's gets nothing
+        (and its record is not touched).
+        """
+        instance_id = host.identity.instance_id
+        if not instance_id:
+            return None
         launch_id = host.labels.get(LAUNCH_LABEL, "")
         view = self.instances.get(launch_id)
-        if view is not None:
+        if view is not None and view.instance_id == instance_id:
             return view
         for view in self.instances.values():
-            if view.instance_id and view.instance_id == host.identity.instance_id:
+            if view.instance_id == instance_id:
                 return view
         return None
 
@@ -201,7 +215,7 @@ class Provisioner:
         now = self._clock()
         if self._next_try.get(job_id, 0.0) > now:
             return "backoff"
-        if len(self.live()) >= self.cfg.max_instances:
+        if len(self.live()) + len(self._launching) >= self.cfg.max_instances:
             return "at-limit"
         wanted = _Wanted(
             job_id,
@@ -315,6 +329,11 @@ class Provisioner:
         )
         self.instances[launch_id] = view
         await self.store.save(launch_id, view)
+        try:
+            user_data = self._script(launch_id)
+        except (OSError, GpufleetError) as exc:
+            await self._set(view, st.FAILED, f"cannot build the startup script: {exc}")
+            return f"stop:{where}: cannot build the startup script: {exc}"
         request = LaunchRequest(
             provider=offer.provider,
             region=offer.region,
@@ -324,10 +343,11 @@ class Provisioner:
             launch_id=launch_id,
             fleet=self.fleet,
             job_id=w.job_id,
-            user_data=self._script(launch_id),
+            user_data=user_data,
             max_usd_per_hour=w.spec.max_usd_per_hour,
             project=view.project,
         )
+        self._inflight.add(launch_id)
         try:
             cloud = self._clouds(offer.provider)
             ref = await cloud.launch_instance(request, self._template(offer))
@@ -339,6 +359,15 @@ class Provisioner:
             await self._set(view, st.FAILED, str(exc))
             self._count(offer, "error")
             return f"stop:{where}: {exc}"
+        except Exception as exc:
+            # A reply the SDK or our parsing did not expect: the instance may
+            # exist; the sweep terminates it if so (its launch id is tagged).
+            log.exception("instance.launch_error", launch_id=launch_id)
+            await self._set(view, st.FAILED, f"unexpected error: {exc!r}")
+            self._count(offer, "error")
+            return f"stop:{where}: unexpected error: {exc!r}"
+        finally:
+            self._inflight.discard(launch_id)
         view.instance_id = ref.instance_id
         view.name = ref.name
         view.zone = ref.zone or view.zone
@@ -430,13 +459,21 @@ class Provisioner:
     # ------------------------------------------------------------ upkeep
 
     async def tick(
-        self, hosts: Mapping[str, HostState], busy: Callable[[str], bool]
+        self,
+        hosts: Mapping[str, HostState],
+        busy: Callable[[str], bool],
+        job_ended: Callable[[str], bool] = lambda job_id: False,
     ) -> None:
         """Enrolls new agents and releases what is no longer needed.
+
+        One record's trouble (a cloud answering nonsense) never stops the
+        others, nor the job manager's tick that calls this.
 
         Args:
             hosts: the fleet's hosts by id.
             busy: whether a job holds (or is starting on) a host.
+            job_ended: whether a job is over (or unknown): an instance
+                launched for it and never used is released at once.
         """
         now = self._clock()
         self._maybe_sweep(now)
@@ -447,29 +484,69 @@ class Provisioner:
                 continue
             enrolled_hosts.add(view.launch_id)
             if view.state in (st.LAUNCHING, st.BOOTING):
-                view.host_id = host.host_id
-                await self._set(view, st.ENROLLED, f"agent {host.host_id} enrolled")
-                await self._events.emit(
-                    "instance.enrolled",
-                    host_id=host.host_id,
-                    cause=view.job_id,
-                    launch_id=view.launch_id,
-                    took_s=round(now - view.launched_at_s, 1),
-                )
+                await self._guarded(view, self._enroll(view, host, now))
         for view in list(self.instances.values()):
-            if view.state == st.BOOTING and view.launch_id not in enrolled_hosts:
-                if now - view.launched_at_s > self.cfg.enroll_timeout_s:
-                    await self.release(
-                        view,
-                        f"its agent did not enroll within "
-                        f"{self.cfg.enroll_timeout_s:.0f} s",
-                    )
-            elif view.state == st.ENROLLED:
-                await self._check_enrolled(view, hosts.get(view.host_id), busy, now)
-            elif view.state == st.RELEASING and now >= self._release_retry_at.get(
-                view.launch_id, 0.0
+            await self._guarded(
+                view, self._upkeep(view, hosts, busy, job_ended, enrolled_hosts, now)
+            )
+
+    async def _guarded(
+        self, view: pb.LaunchedInstance, step: Coroutine[Any, Any, None]
+    ) -> None:
+        try:
+            await step
+        except Exception:
+            log.exception("instance.upkeep_failed", launch_id=view.launch_id)
+            self._release_retry_at[view.launch_id] = (
+                self._clock() + self.cfg.retry_after_s
+            )
+
+    async def _enroll(
+        self, view: pb.LaunchedInstance, host: HostState, now: float
+    ) -> None:
+        view.host_id = host.host_id
+        await self._set(view, st.ENROLLED, f"agent {host.host_id} enrolled")
+        await self._events.emit(
+            "instance.enrolled",
+            host_id=host.host_id,
+            cause=view.job_id,
+            launch_id=view.launch_id,
+            took_s=round(now - view.launched_at_s, 1),
+        )
+
+    async def _upkeep(
+        self,
+        view: pb.LaunchedInstance,
+        hosts: Mapping[str, HostState],
+        busy: Callable[[str], bool],
+        job_ended: Callable[[str], bool],
+        enrolled_hosts: set[str],
+        now: float,
+    ) -> None:
+        unused = view.launch_id not in self._used
+        if view.state == st.BOOTING and view.launch_id not in enrolled_hosts:
+            if view.job_id and job_ended(view.job_id):
+                await self.release(view, f"job {view.job_id} ended before it started")
+            elif now - view.launched_at_s > self.cfg.enroll_timeout_s:
+                await self.release(
+                    view,
+                    f"its agent did not enroll within "
+                    f"{self.cfg.enroll_timeout_s:.0f} s",
+                )
+        elif view.state == st.ENROLLED:
+            if (
+                unused
+                and view.job_id
+                and job_ended(view.job_id)
+                and not (busy(view.host_id))
             ):
-                await self.release(view, view.detail or "release retried")
+                await self.release(view, f"job {view.job_id} ended before it started")
+            else:
+                await self._check_enrolled(view, hosts.get(view.host_id), busy, now)
+        elif view.state == st.RELEASING and now >= self._release_retry_at.get(
+            view.launch_id, 0.0
+        ):
+            await self.release(view, self._release_why.get(view.launch_id, "release"))
 
     async def _check_enrolled(
         self,
@@ -495,18 +572,23 @@ class Provisioner:
             )
 
     async def release(self, view: pb.LaunchedInstance, why: str) -> None:
-        """Terminates a launched instance; a failed call is retried later."""
+        """Terminates a launched instance; a failed call is retried after
+        ``retry_after_s``. An instance the cloud no longer knows is gone."""
         if view.state in st.DONE_STATES:
             return
+        self._release_why.setdefault(view.launch_id, why)
+        why = self._release_why[view.launch_id]
         if view.state != st.RELEASING:
             await self._set(view, st.RELEASING, why)
+        if not view.instance_id:
+            await self._find(view)
         if not view.instance_id:
             await self._set(view, st.FAILED, f"{why}; the cloud never named it")
             return
         try:
             cloud = self._clouds(view.provider)
             state = await cloud.terminate_instance(identity_of(view))
-        except (CloudActionError, GpufleetError) as exc:
+        except Exception as exc:
             log.warning(
                 "instance.release_failed", launch_id=view.launch_id, error=str(exc)
             )
@@ -518,6 +600,7 @@ class Provisioner:
             return
         self._idle_since.pop(view.launch_id, None)
         self._away_since.pop(view.launch_id, None)
+        self._release_why.pop(view.launch_id, None)
         await self._set(view, st.RELEASED, f"{why}; {state}")
         await self._events.emit(
             "instance.released",
@@ -527,6 +610,28 @@ class Provisioner:
             instance_id=view.instance_id,
             detail=why,
         )
+
+    async def _find(self, view: pb.LaunchedInstance) -> None:
+        """Looks a launch without an instance id up by its tag or label (a
+        broker that stopped during the launch call never heard the id)."""
+        try:
+            cloud = self._clouds(view.provider)
+            if view.provider == "aws":
+                refs = await cloud.list_launched(view.region, self.fleet)
+            elif view.zone:
+                refs = await cloud.list_launched(view.project, view.zone, self.fleet)
+            else:
+                return
+        except Exception as exc:
+            log.warning("instance.lookup_failed", launch_id=view.launch_id, error=exc)
+            return
+        for ref in refs:
+            if ref.launch_id == view.launch_id and ref.instance_id:
+                view.instance_id = ref.instance_id
+                view.name = ref.name
+                view.zone = ref.zone or view.zone
+                await self.store.save(view.launch_id, view)
+                return
 
     async def sweep(self, places: Iterable[tuple[str, str, str]]) -> list[str]:
         """Terminates running instances tagged with this fleet that no live
@@ -540,9 +645,6 @@ class Provisioner:
         """
         from gpufleet.broker.clouds.base import InstanceState
 
-        live = [v for v in self.instances.values() if v.state in st.LIVE_STATES]
-        live_ids = {v.instance_id for v in live if v.instance_id}
-        live_launches = {v.launch_id for v in live}
         swept = []
         for provider, where, project in places:
             try:
@@ -551,12 +653,12 @@ class Provisioner:
                     refs = await cloud.list_launched(where, self.fleet)
                 else:
                     refs = await cloud.list_launched(project, where, self.fleet)
-            except (CloudActionError, GpufleetError) as exc:
+            except Exception as exc:
                 log.warning("instance.sweep_failed", where=where, error=str(exc))
                 continue
             for ref in refs:
                 launch_id = ref.launch_id or ref.name or ref.instance_id
-                if ref.instance_id in live_ids or launch_id in live_launches:
+                if await self._owned(launch_id, ref):
                     continue
                 if ref.state in InstanceState.GONE:
                     continue
@@ -581,9 +683,28 @@ class Provisioner:
                     if known
                     else "found without a record (orphan)"
                 )
-                await self.release(view, why)
+                await self._guarded(view, self.release(view, why))
                 swept.append(launch_id)
         return swept
+
+    async def _owned(self, launch_id: str, ref: Any) -> bool:
+        """Whether a listed instance belongs to a live record (checked now,
+        not when the listing started: a launch may have finished since).
+        A live record that never heard its instance id adopts it."""
+        if launch_id in self._inflight:
+            return True
+        view = self.instances.get(launch_id)
+        if view is not None and view.state in st.LIVE_STATES:
+            if not view.instance_id and ref.instance_id:
+                view.instance_id = ref.instance_id
+                view.name = ref.name
+                view.zone = ref.zone or view.zone
+                await self.store.save(launch_id, view)
+            return True
+        return any(
+            v.instance_id == ref.instance_id and v.state in st.LIVE_STATES
+            for v in self.instances.values()
+        )
 
     def _maybe_sweep(self, now: float) -> None:
         """Starts a sweep of the configured places every SWEEP_INTERVAL_S."""

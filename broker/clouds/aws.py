@@ -602,7 +602,14 @@ class AwsActions(AwsLauncher):
         return any(r.get("Type") == "persistent" for r in requests)
 
     def _terminate(self, region: str, instance_id: str) -> str:
-        state = self._state(region, instance_id)
+        try:
+            state = self._state(region, instance_id)
+        except CloudActionError as exc:
+            # EC2 forgets a terminated instance after about an hour (a spot
+            # instance reclaimed while the broker was down): nothing is left.
+            if "InvalidInstanceID.NotFound" in str(exc) or "does not know" in str(exc):
+                return InstanceState.TERMINATED
+            raise
         if state == InstanceState.TERMINATED:
             return state
         reply = self._call(

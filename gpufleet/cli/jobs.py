@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import time
 
@@ -121,6 +122,9 @@ def submit(
     bad = [x for x in (*labels, *envs) if "=" not in x]
     if bad:
         raise ConfigError("jobs submit", [f"{x!r}: must be KEY=VALUE" for x in bad])
+    for flag, value in (("--work-hours", work_hours), ("--max-price", max_price)):
+        if not math.isfinite(value):
+            raise ConfigError("jobs submit", [f"{flag}: must be a number, got {value}"])
     spec = pb.JobSpec(
         name=name,
         argv=list(argv),
@@ -221,6 +225,7 @@ def migrate(opts: ClientOptions, job_id: str, to_host_id: str) -> None:
     _show(opts, _call(opts, "MigrateJob", request))
 
 
+MAX_DEADLINE_S = 365 * 86400.0
 _RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*(m|min|h|d)$")
 
 
@@ -232,21 +237,30 @@ def parse_deadline(text: str, now_s: float | None = None) -> float:
         ConfigError: the text is neither.
     """
     now_s = time.time() if now_s is None else now_s
+    hint = "e.g. --deadline 12h, --deadline 90m or --deadline 2026-12-24T18:00Z"
     match = _RELATIVE.match(text.strip().lower())
     if match:
         amount, unit = float(match.group(1)), match.group(2)
-        return now_s + amount * {"m": 60, "min": 60, "h": 3600, "d": 86400}[unit]
-    try:
-        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+        at_s = now_s + amount * {"m": 60, "min": 60, "h": 3600, "d": 86400}[unit]
+    else:
+        try:
+            moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(
+                "jobs submit",
+                [f"--deadline {text!r}: not a duration or an ISO 8601 time"],
+                hint=hint,
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        at_s = moment.timestamp()
+    if not now_s < at_s <= now_s + MAX_DEADLINE_S:
         raise ConfigError(
             "jobs submit",
-            [f"--deadline {text!r}: not a duration or an ISO 8601 time"],
-            hint="e.g. --deadline 12h, --deadline 90m or --deadline 2026-12-24T18:00Z",
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.timestamp()
+            [f"--deadline {text!r}: must be in the next 365 days"],
+            hint=hint,
+        )
+    return at_s
 
 
 COMMANDS = [jobs]

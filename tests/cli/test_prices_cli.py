@@ -105,7 +105,10 @@ def test_parse_deadline_reads_durations_and_iso_times() -> None:
     assert parse_deadline("12h", now) == now + 12 * 3600
     assert parse_deadline("+90m", now) == now + 90 * 60
     assert parse_deadline("2d", now) == now + 2 * 86400
-    assert parse_deadline("2027-01-15T12:00Z") == 1_800_014_400.0
-    assert parse_deadline("2027-01-15T12:00") == parse_deadline("2027-01-15T12:00Z")
+    assert parse_deadline("2027-01-15T12:00Z", now) == 1_800_014_400.0
+    assert parse_deadline("2027-01-15T12:00", now) == 1_800_014_400.0
     with pytest.raises(ConfigError, match="--deadline 'tomorrow'"):
         parse_deadline("tomorrow", now)
+    for text in ("9" * 400 + "d", "99999999999d", "0001-01-01", "0h"):
+        with pytest.raises(ConfigError, match="must be in the next 365 days"):
+            parse_deadline(text, now)
