@@ -375,3 +375,63 @@ async def test_tick_sweeps_an_instance_whose_launch_was_recorded_as_failed(
     assert _instance(proxy.url, late)["State"]["Name"] == "terminated"
     assert prov.instances["gf-late-0002"].state == st.RELEASED
     assert "recorded as failed" in prov.instances["gf-late-0002"].detail
+
+
+async def test_provisioner_launches_gce_spot_and_falls_through_a_stockout(
+    store: Store,
+) -> None:
+    """On GCP the cheapest L4 offer's zone reports ZONE_RESOURCE_POOL_EXHAUSTED
+    after the insert; the next zone gets a SPOT VM whose startup-script
+    metadata carries the launch, and releasing it deletes it."""
+    from gpufleet.broker.clouds.gcp import GceActions
+    from gpufleet.broker.market_config import GcpMarketConfig
+    from gpufleet.broker.provisioning_config import GcpLaunchConfig
+    from tests.fakes.gce import running_fake_gce
+
+    zones = ["us-east4-a", "us-east4-b", "us-central1-a"]
+    cfg = MarketConfig(
+        enabled=True,
+        gcp=GcpMarketConfig(
+            project="lab", zones=zones, machine_types=["g2-standard-4"]
+        ),
+    )
+    catalog = MarketCatalog(cfg)
+    catalog.load_tables()
+    with running_fake_gce() as fake:
+        fake.fail_insert("us-east4-a", "ZONE_RESOURCE_POOL_EXHAUSTED", "no L4 left")
+        tasks: list[asyncio.Task[None]] = []
+        actions = GceActions(endpoint=fake.endpoint)
+        clock = Clock()
+        prov = Provisioner(
+            ProvisioningConfig(
+                enabled=True,
+                broker_address="broker.lab.internal:50051",
+                gcp=GcpLaunchConfig(project="lab"),
+            ),
+            catalog,
+            InstanceStore(store),
+            clouds=lambda provider: actions,
+            events=EventBus(store),
+            spawn=lambda coro, name: tasks.append(asyncio.create_task(coro)),
+            fleet=FLEET,
+            clock=clock,
+        )
+        outcome = await prov.request(
+            "train-g", _spec(accelerator="l4"), lifecycles=("spot",)
+        )
+        assert outcome == "launching"
+        await _launched(prov, tasks)
+        [view] = prov.live()
+        assert view.provider == "gcp"
+        assert view.zone == "us-east4-b"
+        failed = [v for v in prov.instances.values() if v.state == st.FAILED]
+        assert [v.zone for v in failed] == ["us-east4-a"]
+        body = fake.body_of("lab", "us-east4-b", view.name)
+        assert body is not None
+        assert body["scheduling"]["provisioningModel"] == "SPOT"
+        metadata = {i["key"]: i["value"] for i in body["metadata"]["items"]}
+        assert view.launch_id in metadata["startup-script"]
+        clock.now += 1000
+        await prov.tick({}, lambda h: False)
+        assert view.state == st.RELEASED
+        assert fake.status_of("lab", "us-east4-b", view.name) is None
