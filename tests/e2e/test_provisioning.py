@@ -206,3 +206,45 @@ async def test_a_notice_preplaces_the_replacement_in_another_zone_and_the_job_mo
     finally:
         for machine in machines:
             machine.kill()
+
+
+async def test_a_broker_restarted_while_the_instance_boots_still_uses_it(
+    tmp_path: Path,
+    moto_ec2_url: str,  # noqa: F811
+    broker_factory: Any,
+) -> None:
+    """The launch record survives a broker restart: the instance that was
+    booting enrolls with the new broker, the job runs there, and the idle
+    instance is terminated; no second instance is launched."""
+    port = _free_port()
+    settings = _settings(moto_ec2_url, port, idle_release_s=2.0)
+    broker = await broker_factory(**settings)
+    spec = pb.JobSpec(
+        name="train",
+        argv=[sys.executable, str(COUNTER_JOB), "100"],
+        gpus=1,
+        policy="gpufleet",
+    )
+    view = await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+    launched = await _booting(broker, set())
+    await broker.shutdown()
+    broker = await broker_factory(**settings)
+    machine = await asyncio.to_thread(
+        boot, moto_ec2_url, REGION, launched, tmp_path / "vm"
+    )
+    try:
+
+        async def done() -> bool:
+            return (await _job(broker, view.job_id)).state == "SUCCEEDED"
+
+        await eventually(done, timeout_s=60)
+        assert (await _job(broker, view.job_id)).host_id == launched.instance_id
+
+        async def released() -> bool:
+            views = await _instances(broker)
+            return [v.state for v in views] == ["released"]
+
+        await eventually(released, timeout_s=30)
+        assert _ec2_state(moto_ec2_url, launched.instance_id) == "terminated"
+    finally:
+        machine.kill()
