@@ -19,16 +19,15 @@ import structlog
 from gpufleet.broker import job_policy
 from gpufleet.broker.core import BrokerCore
 from gpufleet.broker.fleet import LIVE, HostState
+from gpufleet.broker.job_placement import TERMINAL, PlacementMixin
 from gpufleet.broker.jobstore import JobRecord, JobStore
 from gpufleet.broker.placement import Candidate, choose_host, hardware_key
 from gpufleet.broker.prices import PriceTable
-from gpufleet.broker.spot_policy import Choice
 from gpufleet.errors import GpufleetError
 from gpufleet.proto import pb
 
 log = structlog.stdlib.get_logger(__name__)
 
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 ACTIVE = ("RUNNING", "CHECKPOINTING", "MIGRATING")
 HISTORY_LINES = 200
 # A restore that has not reported "running" after this long is retried on
@@ -43,7 +42,7 @@ class JobError(GpufleetError):
     """A job request cannot be carried out; the message says why."""
 
 
-class JobManager:
+class JobManager(PlacementMixin):
     """Every job of the fleet; see the module docstring."""
 
     def __init__(
@@ -356,37 +355,6 @@ class JobManager:
                 ident.provider, ident.region, ident.zone, ident.instance_type
             )
 
-    async def _preplace(self, record: JobRecord, zone: str) -> None:
-        """Starts the replacement host during the notice, for policies that
-        use it: the launch overlaps the checkpoint instead of following it."""
-        policy = job_policy.policy_of(record.view.spec)
-        m = record.migration
-        if policy is None or not policy.uses_notice or m is None:
-            return
-        if self.provisioner is None:
-            return
-        choice, fallback = self._choose(record, Choice.WAIT)
-        allowed = job_policy.lifecycles(choice, fallback=fallback)
-        exclude = frozenset({m["from"]})
-        if not allowed or self._target(
-            record.view.spec,
-            exclude,
-            zone,
-            "",
-            "",
-            lifecycles=allowed,
-            job_id=record.view.job_id,
-        ):
-            return
-        outcome = await self.provisioner.request(
-            record.view.job_id,
-            record.view.spec,
-            lifecycles=allowed,
-            avoid_zone=zone,
-            reason="pre-placed on the notice",
-        )
-        await self._note(record, "job.preplacing", outcome)
-
     async def host_gone(self, host: HostState) -> None:
         """A host was lost: its jobs resume elsewhere from their checkpoints."""
         for record in list(self.jobs.values()):
@@ -439,147 +407,6 @@ class JobManager:
             ):
                 m["phase"] = "restore"
                 await self.drive(record)
-
-    def _account(self, now: float) -> None:
-        """Adds the time since the last tick to running jobs' run time and
-        cost (at their host's price), and to the catalog's hours."""
-        dt = now - self._last_tick_s if self._last_tick_s else 0.0
-        self._last_tick_s = now
-        if not 0 < dt < 60:
-            return
-        for record in self.jobs.values():
-            view = record.view
-            if view.state != "RUNNING":
-                continue
-            host = self.core.fleet.hosts.get(view.host_id)
-            view.run_seconds += dt
-            if host is None:
-                continue
-            view.cost_usd += dt / 3600.0 * self._price(host)
-            ident = host.identity
-            if self.catalog is not None and ident.spot and ident.provider:
-                self.catalog.note_hours(
-                    ident.provider,
-                    ident.region,
-                    ident.zone,
-                    ident.instance_type,
-                    dt / 3600.0,
-                )
-
-    def _price(self, host: HostState) -> float:
-        ident = host.identity
-        if self.catalog is not None:
-            offer = self.catalog.price_of(
-                ident.provider,
-                ident.region,
-                ident.zone,
-                ident.instance_type,
-                "spot" if ident.spot else "on-demand",
-            )
-            if offer is not None:
-                return float(offer.usd_per_hour)
-        return self.prices.price_for(ident).usd_per_hour
-
-    def _spot_available(self, record: JobRecord, exclude: frozenset[str]) -> bool:
-        """Whether the job could get a spot host now: a connected one that
-        fits, or (with provisioning) a spot offer in the catalog."""
-        spec = record.view.spec
-        if self._target(
-            spec, exclude, "", "", "", lifecycles=("spot",), job_id=record.view.job_id
-        ):
-            return True
-        if self.provisioner is None or self.catalog is None:
-            return False
-        if self.provisioner.spot_failed_recently(record.view.job_id):
-            return False
-        return self.provisioner.has_offer(spec, ("spot",))
-
-    def _choose(
-        self, record: JobRecord, current: Choice, notice: bool = False
-    ) -> tuple[Choice, bool]:
-        """The job's policy choice now, and whether a failed spot launch may
-        fall through to on-demand (when the policy would run on-demand rather
-        than wait if there were no spot at all)."""
-        policy = job_policy.policy_of(record.view.spec)
-        assert policy is not None
-        now = time.time()
-        exclude = (
-            frozenset({record.view.host_id})
-            if current == Choice.WAIT
-            else (frozenset())
-        )
-        available = self._spot_available(record, exclude)
-        kwargs = {
-            "now_s": now,
-            "restart_s": self.restart_s,
-            "current": current,
-            "notice": notice,
-        }
-        choice = job_policy.decide(
-            policy, record.view, spot_available=available, **kwargs
-        )
-        without = job_policy.decide(policy, record.view, spot_available=False, **kwargs)
-        return choice, without == Choice.ON_DEMAND
-
-    async def _apply_policies(self, now: float) -> None:
-        """Moves running jobs whose policy now wants the other lifecycle:
-        to on-demand when the slack says so, back to spot when ahead."""
-        for record in list(self.jobs.values()):
-            view = record.view
-            if view.state != "RUNNING" or record.migration is not None:
-                continue
-            if job_policy.policy_of(view.spec) is None:
-                continue
-            if not view.spec.checkpoint_url:
-                # Without a shared checkpoint a move would restart the job
-                # from scratch: its policy places it, but never moves it.
-                continue
-            host = self.core.fleet.hosts.get(view.host_id)
-            if host is None or host.leaving:
-                continue
-            if now - self._switched_at.get(view.job_id, 0.0) < (
-                job_policy.MIN_SWITCH_INTERVAL_S
-            ):
-                continue
-            current = job_policy.choice_of(host.identity.spot)
-            choice, _ = self._choose(record, current)
-            if choice in (current, Choice.WAIT):
-                continue
-            allowed = job_policy.lifecycles(choice, fallback=False)
-            exclude = frozenset({view.host_id})
-            target = self._target(
-                view.spec,
-                exclude,
-                "",
-                "",
-                "",
-                lifecycles=allowed,
-                job_id=view.job_id,
-            )
-            if target is None:
-                if self.provisioner is not None:
-                    outcome = await self.provisioner.request(
-                        view.job_id,
-                        view.spec,
-                        lifecycles=allowed,
-                        reason=f"policy chose {choice}",
-                    )
-                    await self._note_once(
-                        record, "job.policy-launch", f"{choice}: {outcome}"
-                    )
-                continue
-            self._switched_at[view.job_id] = now
-            await self.migrate(
-                view.job_id, to_host_id=target.host_id, reason=f"policy-{choice}"
-            )
-
-    async def _note_once(self, record: JobRecord, kind: str, detail: str) -> None:
-        """Notes a waiting reason once, not on every tick."""
-        key = f"{kind}:{detail}"
-        if self._waiting_noted.get(record.view.job_id) == key:
-            return
-        self._waiting_noted[record.view.job_id] = key
-        await self._note(record, kind, detail)
 
     async def drive(self, record: JobRecord) -> None:
         """Moves a migration in its 'restore' phase to a new host."""
@@ -667,38 +494,6 @@ class JobManager:
                 await self._start(record, target, resume_from="")
             else:
                 await self._provision(record, allowed, "", "new job")
-
-    async def _allowed(self, record: JobRecord) -> tuple[str, ...]:
-        """The lifecycles a job between hosts may start on now, best first;
-        empty while its policy chooses to wait for spot."""
-        if job_policy.policy_of(record.view.spec) is None:
-            return ("on-demand", "spot")
-        choice, fallback = self._choose(record, Choice.WAIT)
-        allowed = job_policy.lifecycles(choice, fallback=fallback)
-        if not allowed:
-            await self._note_once(
-                record, "job.waiting-for-spot", "its policy waits for spot capacity"
-            )
-        return allowed
-
-    async def _provision(
-        self, record: JobRecord, allowed: tuple[str, ...], avoid_zone: str, why: str
-    ) -> None:
-        """Asks the provisioner for a host; notes the outcome once."""
-        if self.provisioner is None:
-            return
-        if job_policy.policy_of(record.view.spec) is None:
-            # Plain jobs launch the cheaper spot capacity first.
-            allowed = ("spot", "on-demand")
-        outcome = await self.provisioner.request(
-            record.view.job_id,
-            record.view.spec,
-            lifecycles=allowed,
-            avoid_zone=avoid_zone,
-            reason=why,
-        )
-        if outcome not in ("pending", "backoff"):
-            await self._note_once(record, "job.provisioning", outcome)
 
     def _target(
         self,
@@ -834,21 +629,6 @@ class JobManager:
 
     async def _save(self, record: JobRecord) -> None:
         await self.store.save(record)
-
-    def _needs_host(self, job_id: str) -> bool:
-        record = self.jobs.get(job_id)
-        if record is None:
-            return False
-        view = record.view
-        return (view.state == "PENDING" and not view.host_id) or (
-            view.state == "MIGRATING"
-            and record.migration is not None
-            and record.migration.get("phase") == "restore"
-        )
-
-    def _job_ended(self, job_id: str) -> bool:
-        record = self.jobs.get(job_id)
-        return record is None or record.view.state in TERMINAL
 
     def holds_host(self, host_id: str) -> bool:
         """Whether a job runs, or is starting, on the host."""
