@@ -137,14 +137,26 @@ class BrokerConfig:
                     value is None or Path(value).is_file(),
                     f"{name}: no such file: {value}",
                 )
+        earlier = bool(p)
         p.extend(self.market.problems())
         p.extend(self.provisioning.problems())
-        require(
-            p,
-            not self.provisioning.enabled or self.market.enabled,
-            "provisioning.enabled: needs the market catalog: set market.enabled: "
-            "true (it ranks the offers to launch)",
-        )
+        if self.provisioning.enabled and not earlier:
+            # (A market section with an unknown field was not loaded at all:
+            # its own problem says so, this one would mislead.)
+            require(
+                p,
+                self.market.enabled,
+                "provisioning.enabled: needs the market catalog: set "
+                "market.enabled: true (it ranks the offers to launch)",
+            )
+            prov = self.provisioning
+            require(
+                p,
+                bool(prov.aws.images)
+                or bool(prov.gcp.project or self.market.gcp.project),
+                "provisioning: no cloud can launch: set provisioning.aws.images "
+                "(an AMI per region) or provisioning.gcp.project",
+            )
         if p:
             raise ConfigError(source, p)
 

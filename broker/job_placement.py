@@ -231,8 +231,14 @@ class PlacementMixin:
         if self.provisioner is None:
             return
         if job_policy.policy_of(record.view.spec) is None:
-            # Plain jobs launch the cheaper spot capacity first.
-            allowed = ("spot", "on-demand")
+            # A plain job launches the cheaper spot capacity first when it
+            # checkpoints (a preemption then moves it), on-demand otherwise
+            # (a preemption would lose all its work).
+            allowed = (
+                ("spot", "on-demand")
+                if record.view.spec.checkpoint_url
+                else ("on-demand", "spot")
+            )
         outcome = await self.provisioner.request(
             record.view.job_id,
             record.view.spec,

@@ -92,6 +92,14 @@ class JobManager(PlacementMixin):
         await self._note(
             record, "job.submitted", f"{spec.gpus} GPU(s): {' '.join(spec.argv)}"
         )
+        left_h = (spec.deadline_s - now) / 3600.0
+        if spec.deadline_s and spec.work_hours > left_h:
+            await self._note(
+                record,
+                "job.deadline-at-risk",
+                f"{spec.work_hours:g} h of work and {left_h:.2f} h to the "
+                "deadline: it will be missed even on on-demand",
+            )
         await self.place_pending()
         return self.jobs[view.job_id].view
 

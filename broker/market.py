@@ -93,6 +93,8 @@ class MarketCatalog:
         self.refreshed_at_s = 0.0
         self._refresh_warnings: list[str] = []
         self._lock = asyncio.Lock()
+        self._attempted_s = -math.inf  # the last refresh attempt
+        self._stale_logged_s = -math.inf
         if metrics is not None:
             metrics.watch_market(self.age_s, lambda: self.stale)
 
@@ -184,6 +186,7 @@ class MarketCatalog:
         and is reported in the warnings, the log and the metrics.
         """
         async with self._lock:
+            self._attempted_s = self._clock()
             warnings: list[str] = []
             failed = 0
             for region in self.cfg.aws.regions:
@@ -248,10 +251,12 @@ class MarketCatalog:
                      "aws-api", now_s)  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Refreshes every ``refresh_interval_s`` until ``stop`` is set."""
+        """Refreshes every ``refresh_interval_s`` until ``stop`` is set; a
+        refresh made just before (the broker's first) counts as the first."""
         interval = self.cfg.refresh_interval_s
         while not stop.is_set():
-            await self.refresh()
+            if self._clock() - self._attempted_s >= interval / 2:
+                await self.refresh()
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval)
             except TimeoutError:
@@ -415,18 +420,24 @@ class MarketCatalog:
                 "tables only (check market.aws and the broker's log)"
             )
         return (
-            f"prices are {age / 3600:.1f} h old (stale after "
-            f"{self.cfg.stale_after_s / 3600:.1f} h); the last refresh failed, "
+            f"prices are {_duration(age)} old (stale after "
+            f"{_duration(self.cfg.stale_after_s)}); the last refresh failed, "
             "see the broker's log"
         )
 
     def _warn_if_stale(self) -> None:
-        if self.cfg.aws.regions and self.stale:
-            log.warning(
-                "market.stale",
-                age_s=self.age_s(),
-                stale_after_s=self.cfg.stale_after_s,
-            )
+        """Logs staleness once per refresh interval, not on every query."""
+        if not (self.cfg.aws.regions and self.stale):
+            return
+        now = self._clock()
+        if now - self._stale_logged_s < self.cfg.refresh_interval_s:
+            return
+        self._stale_logged_s = now
+        log.warning(
+            "market.stale",
+            age_s=self.age_s(),
+            stale_after_s=self.cfg.stale_after_s,
+        )
 
     def _update_metrics(self) -> None:
         if self._metrics is None:
@@ -446,3 +457,12 @@ def _load(configured: Path | None, shipped: Path, columns: tuple[str, ...]) -> T
 
 def _wanted(value: str, allowed: list[str]) -> bool:
     return not allowed or value in allowed
+
+
+def _duration(seconds: float) -> str:
+    """12 s, 5.0 min or 3.2 h: a rounding that still says something."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -73,10 +73,11 @@ class MarketConfig:
                 "market.refresh_interval_s: must be in [10, 86400], got "
                 f"{self.refresh_interval_s}"
             )
-        if self.stale_after_s < self.refresh_interval_s:
+        if self.stale_after_s < 2 * self.refresh_interval_s:
             p.append(
-                f"market.stale_after_s: must be >= refresh_interval_s "
-                f"({self.refresh_interval_s}), got {self.stale_after_s}"
+                f"market.stale_after_s: must be at least twice refresh_interval_s "
+                f"({2 * self.refresh_interval_s}), so that one slow refresh does "
+                f"not make the catalog stale; got {self.stale_after_s}"
             )
         if not 0 <= self.restart_overhead_s <= 86400:
             p.append(

@@ -46,6 +46,10 @@ LOST_RELEASE_S = 120.0
 # long (it may then choose on-demand); spot capacity returns within minutes
 # to hours, the SkyPilot traces show.
 SPOT_RETRY_S = 600.0
+# After this many launched instances in a row never enrolled, launching
+# pauses, from retry_after_s doubling up to PAUSE_MAX_S.
+NEVER_ENROLLED_MAX = 3
+PAUSE_MAX_S = 3600.0
 # How often the configured regions and zones are searched for instances of
 # the fleet that no live record holds (the first search is at start).
 SWEEP_INTERVAL_S = 600.0
@@ -120,6 +124,10 @@ class Provisioner:
         # Enrolled instances a job has run on: no longer waiting for their job.
         self._used: set[str] = set()
         self._release_retry_at: dict[str, float] = {}
+        # Instances in a row whose agent never enrolled, and the pause of
+        # launching that follows.
+        self._never_enrolled = 0
+        self._paused_until_s = 0.0
         # Where to look for instances of this fleet that no record holds.
         self.places = list(places)
         self._next_sweep_s = 0.0
@@ -217,6 +225,13 @@ class Provisioner:
             return "backoff"
         if len(self.live()) + len(self._launching) >= self.cfg.max_instances:
             return "at-limit"
+        if now < self._paused_until_s:
+            return (
+                f"paused: the last {self._never_enrolled} launched instances never "
+                "enrolled; check provisioning.broker_address (new hosts must reach "
+                "it), the image (python3 >= 3.11) and the instances' startup log "
+                "/var/log/gpufleet-startup.log"
+            )
         wanted = _Wanted(
             job_id,
             spec,
@@ -501,9 +516,39 @@ class Provisioner:
                 self._clock() + self.cfg.retry_after_s
             )
 
+    async def _never_enrolled_once(self, view: pb.LaunchedInstance, now: float) -> None:
+        """Counts an instance whose agent never came; after NEVER_ENROLLED_MAX
+        in a row, launching pauses (doubling each time, at most an hour): a
+        bad image or an unreachable broker address must not buy hosts
+        forever."""
+        self._never_enrolled += 1
+        if self._never_enrolled < NEVER_ENROLLED_MAX:
+            return
+        pause_s = min(
+            PAUSE_MAX_S,
+            self.cfg.retry_after_s * 2 ** (self._never_enrolled - NEVER_ENROLLED_MAX),
+        )
+        self._paused_until_s = now + pause_s
+        log.warning(
+            "instance.launches_paused",
+            never_enrolled=self._never_enrolled,
+            pause_s=pause_s,
+            broker_address=self.cfg.broker_address,
+        )
+        await self._events.emit(
+            "instance.launches-paused",
+            cause=view.job_id,
+            never_enrolled=self._never_enrolled,
+            pause_s=pause_s,
+            detail="launched instances did not enroll; check "
+            "provisioning.broker_address and the image",
+        )
+
     async def _enroll(
         self, view: pb.LaunchedInstance, host: HostState, now: float
     ) -> None:
+        self._never_enrolled = 0
+        self._paused_until_s = 0.0
         view.host_id = host.host_id
         await self._set(view, st.ENROLLED, f"agent {host.host_id} enrolled")
         await self._events.emit(
@@ -533,6 +578,7 @@ class Provisioner:
                     f"its agent did not enroll within "
                     f"{self.cfg.enroll_timeout_s:.0f} s",
                 )
+                await self._never_enrolled_once(view, now)
         elif view.state == st.ENROLLED:
             if (
                 unused

@@ -129,6 +129,14 @@ def _provisioner(
     prov = cfg.provisioning
     if not prov.gcp.project:
         prov.gcp.project = cfg.market.gcp.project
+    host = prov.broker_address.rpartition(":")[0].strip("[]")
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        log.warning(
+            "provisioning.loopback_broker_address",
+            broker_address=prov.broker_address,
+            hint="launched hosts cannot reach a loopback address; set "
+            "provisioning.broker_address to one they can dial",
+        )
     return Provisioner(
         prov,
         market,

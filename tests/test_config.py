@@ -47,3 +47,27 @@ def test_broker_config_missing_policy_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_broker_config(None, {"policy_file": tmp_path / "nope.yaml"})
     assert any("policy_file: no such file" in p for p in info.value.problems)
+
+
+def test_broker_provisioning_needs_the_market_and_a_cloud_to_launch_in(
+    tmp_path: Path,
+) -> None:
+    """Provisioning without a cloud to launch in is refused at start, and a
+    mistyped market field is reported as such, not as 'market is off'."""
+    path = tmp_path / "broker.yaml"
+    path.write_text(
+        "market: {enabled: true}\n"
+        "provisioning: {enabled: true, broker_address: 'broker.lab:50051'}\n"
+    )
+    with pytest.raises(ConfigError, match="no cloud can launch"):
+        load_broker_config(path)
+    path.write_text(
+        "market: {enabled: true, aws: {instance_type: [g5.xlarge]}}\n"
+        "provisioning: {enabled: true, broker_address: 'broker.lab:50051',"
+        " aws: {images: {us-east-1: ami-1}}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_broker_config(path)
+    text = str(caught.value)
+    assert "instance_types" in text
+    assert "needs the market catalog" not in text

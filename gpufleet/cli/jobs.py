@@ -37,8 +37,11 @@ def _show(opts: ClientOptions, view: pb.JobView) -> None:
     spec = view.spec
     if spec.policy or spec.deadline_s or view.lifecycle:
         deadline = when(spec.deadline_s) if spec.deadline_s else "none"
+        policy = spec.policy or (
+            "gpufleet (default)" if spec.deadline_s else "none (plain placement)"
+        )
         click.echo(
-            f"  policy {spec.policy or 'default'}, deadline {deadline}, on "
+            f"  policy {policy}, deadline {deadline}, on "
             f"{view.lifecycle or '-'}, ran {view.run_seconds / 3600:.2f} h of "
             f"{spec.work_hours or '?'} h, cost {view.cost_usd:.2f} USD"
         )

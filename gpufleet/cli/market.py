@@ -51,7 +51,12 @@ def _header(resp: pb.ListOffersResponse) -> str:
 
 
 @click.command("prices")
-@click.option("--provider", default="", help="Only this cloud: aws or gcp.")
+@click.option(
+    "--provider",
+    type=click.Choice(["", "aws", "gcp"]),
+    default="",
+    help="Only this cloud: aws or gcp.",
+)
 @click.option("--region", default="", help="Only this region.")
 @click.option("--type", "instance_type", default="", help="Only this type.")
 @click.option(
@@ -62,7 +67,10 @@ def _header(resp: pb.ListOffersResponse) -> str:
 )
 @click.option("--accelerator", default="", help="Only this GPU model, e.g. a10g.")
 @click.option(
-    "--limit", type=click.IntRange(0, 10000), default=0, help="At most N offers."
+    "--limit",
+    type=click.IntRange(0, 10000),
+    default=0,
+    help="At most N offers (0: the broker's default, 50).",
 )
 @click.option("--refresh", is_flag=True, help="Refresh the catalog first.")
 @admin_options
@@ -106,6 +114,12 @@ def prices(
         return
     click.echo(_header(resp))
     print_table(None, _COLUMNS, [_row(o) for o in resp.offers])
+    if resp.total > len(resp.offers):
+        click.echo(
+            f"showing the best {len(resp.offers)} of {resp.total}; pass --limit "
+            f"{min(resp.total, 10000)} for all, or filter",
+            err=True,
+        )
 
 
 COMMANDS = [prices]

@@ -20,7 +20,13 @@ from gpufleet.sim.engine import (
     FleetSpec,
     simulate_fleet,
 )
-from gpufleet.sim.report import render_table, summarize, to_document, write_plot
+from gpufleet.sim.report import (
+    check_plotting,
+    render_table,
+    summarize,
+    to_document,
+    write_plot,
+)
 from gpufleet.sim.traces import (
     default_activity_file,
     default_traces_dir,
@@ -204,6 +210,8 @@ def simulate(
         )
     if problems:
         raise ConfigError("simulate options", problems)
+    if plot is not None:
+        check_plotting()  # before the run, not after it
 
     traces = load_traces(_traces_dir(traces_dir))
     activity_file = activity if activity is not None else default_activity_file()

@@ -118,6 +118,17 @@ def render_table(console: Console, run: FleetRun, rows: list[PolicySummary]) -> 
     console.print(table)
 
 
+def check_plotting() -> None:
+    """Raises GpufleetError unless matplotlib can be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise GpufleetError(
+            "cannot write the plot: matplotlib is not installed",
+            hint="pip install 'gpufleet[sim]', or leave out --plot",
+        )
+
+
 def write_plot(path: Path, run: FleetRun, rows: list[PolicySummary]) -> None:
     """Writes a PNG: cost vs on-demand and deadline misses per policy.
 
@@ -125,21 +136,17 @@ def write_plot(path: Path, run: FleetRun, rows: list[PolicySummary]) -> None:
         GpufleetError: matplotlib is not installed, or the file cannot be
             written.
     """
-    try:
-        import matplotlib
+    check_plotting()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError:
-        raise GpufleetError(
-            "cannot write the plot: matplotlib is not installed",
-            hint="pip install 'gpufleet[sim]', or leave out --plot",
-        ) from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
     names = [r.policy for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.bar(names, [r.cost_vs_on_demand_pct for r in rows], color="#4c72b0")
     left.axhline(100.0, color="grey", linewidth=0.8, linestyle="--")
-    left.set_ylabel("cost, % of on-demand")
+    left.set_ylabel("cost per job, % of on-demand")
     right.bar(names, [r.deadline_misses for r in rows], color="#c44e52")
     right.set_ylabel("deadline misses (jobs)")
     for axis in (left, right):

@@ -75,9 +75,13 @@ class FleetSpec:
             found.append(f"--job-hours must be positive, got {self.job_hours}")
         if self.deadline_hours is not None and self.slack is not None:
             found.append("give --deadline-hours or --slack, not both")
-        if self.deadline_hours is not None and not self.deadline_hours > 0:
+        if self.deadline_hours is not None and not (
+            self.deadline_hours >= self.job_hours
+        ):
             found.append(
-                f"--deadline-hours must be positive, got {self.deadline_hours}"
+                f"--deadline-hours must be at least --job-hours ({self.job_hours}): "
+                f"no policy can finish {self.job_hours} h of work in "
+                f"{self.deadline_hours} h, got {self.deadline_hours}"
             )
         if self.slack is not None and not self.slack >= 1.0:
             found.append(f"--slack must be at least 1.0, got {self.slack}")

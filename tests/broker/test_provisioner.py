@@ -435,3 +435,28 @@ async def test_provisioner_launches_gce_spot_and_falls_through_a_stockout(
         await prov.tick({}, lambda h: False)
         assert view.state == st.RELEASED
         assert fake.status_of("lab", "us-east4-b", view.name) is None
+
+
+async def test_launches_pause_when_instances_keep_failing_to_enroll(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """Three instances in a row whose agent never came pause launching (a
+    bad image or an unreachable broker address must not buy hosts forever);
+    the job's request says what to check, and an event says so."""
+    catalog = await _catalog(proxy.url)
+    clock = Clock()
+    prov, tasks = _provisioner(proxy.url, catalog, store, clock)
+    for _ in range(3):
+        assert await prov.request("j", _spec(), lifecycles=("spot",)) == "launching"
+        await _launched(prov, tasks)
+        clock.now += 601
+        await prov.tick({}, lambda h: False)
+    outcome = await prov.request("j", _spec(), lifecycles=("spot",))
+    assert outcome.startswith("paused: the last 3 launched instances never enrolled")
+    assert "provisioning.broker_address" in outcome
+    assert len(proxy.actions("RunInstances")) == 3
+    events = await store.list_events(limit=100)
+    assert "instance.launches-paused" in [e.kind for e in events]
+    clock.now += 61
+    assert await prov.request("j", _spec(), lifecycles=("spot",)) == "launching"
+    await _launched(prov, tasks)

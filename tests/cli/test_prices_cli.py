@@ -60,7 +60,9 @@ async def test_prices_table_has_header_with_age(
     assert first.startswith("40 offers")
     assert "ago)" in first
     assert "g2-standard-4" in captured.out
-    assert captured.err == ""
+    assert (
+        captured.err == "showing the best 3 of 40; pass --limit 40 for all, or filter\n"
+    )
 
 
 async def test_prices_warn_when_the_live_source_never_answered(
