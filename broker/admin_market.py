@@ -10,6 +10,8 @@ from gpufleet.errors import GpufleetError
 from gpufleet.proto import pb
 
 DEFAULT_LIMIT = 50
+# --refresh calls the clouds; callers asking in a loop get the last answer.
+MIN_REFRESH_GAP_S = 10.0
 
 _NOT_CONFIGURED_HINT = (
     "add a 'market:' section with 'enabled: true' to the broker configuration "
@@ -40,7 +42,13 @@ async def list_offers(
         )
     warnings: list[str] = []
     if request.refresh:
-        warnings.extend(await catalog.refresh())
+        if catalog.seconds_since_attempt() >= MIN_REFRESH_GAP_S:
+            warnings.extend(await catalog.refresh())
+        else:
+            warnings.append(
+                f"not refreshed again: the last refresh began less than "
+                f"{MIN_REFRESH_GAP_S:.0f} s ago"
+            )
     found = catalog.offers(
         provider=request.provider,
         region=request.region,

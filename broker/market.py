@@ -264,6 +264,10 @@ class MarketCatalog:
 
     # ------------------------------------------------------------ queries
 
+    def seconds_since_attempt(self) -> float:
+        """Seconds since the last refresh began; inf before the first."""
+        return self._clock() - self._attempted_s
+
     def age_s(self) -> float:
         """Seconds since the last refresh with no failed source; inf: never."""
         if not self.refreshed_at_s:
