@@ -56,7 +56,7 @@ def _settings(url: str, port: int, **prov: Any) -> dict[str, Any]:
             enabled=True,
             broker_address=f"127.0.0.1:{port}",
             agent_package="gpufleet[agent]",
-            max_instances=3,
+            max_instances=prov.pop("max_instances", 3),
             aws=AwsLaunchConfig(images={REGION: AMI_ID}),
             agent_config=agent,
             **prov,
@@ -248,3 +248,49 @@ async def test_a_broker_restarted_while_the_instance_boots_still_uses_it(
         assert _ec2_state(moto_ec2_url, launched.instance_id) == "terminated"
     finally:
         machine.kill()
+
+
+async def test_when_no_zone_has_spot_capacity_the_job_gets_on_demand(
+    tmp_path: Path,
+    moto_ec2_url: str,  # noqa: F811
+    broker_factory: Any,
+) -> None:
+    """Every zone answers InsufficientInstanceCapacity for spot: each spot
+    offer is tried once, then the job's policy, seeing no spot, launches an
+    on-demand instance (which EC2 places itself)."""
+    from tests.fakes.ec2_faults import ec2_fault_proxy
+
+    with ec2_fault_proxy(moto_ec2_url) as proxy:
+        port = _free_port()
+        broker = await broker_factory(**_settings(proxy.url, port, retry_after_s=0.5))
+        spots = [
+            o.zone
+            for o in (
+                await broker.admin().call(
+                    "ListOffers",
+                    pb.ListOffersRequest(provider="aws", lifecycle="spot", limit=50),
+                )
+            ).offers
+        ]
+        assert len(spots) >= 3
+        for zone in spots:
+            proxy.fail("RunInstances", "InsufficientInstanceCapacity", zone=zone)
+        spec = pb.JobSpec(
+            name="train",
+            argv=[sys.executable, str(COUNTER_JOB), "100"],
+            gpus=1,
+            policy="gpufleet",
+        )
+        view = await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+        launched = await _booting(broker, set())
+        assert launched.lifecycle == "on-demand"
+        views = await _instances(broker)
+        failed = [v for v in views if v.state == "failed"]
+        assert sorted(v.zone for v in failed) == sorted(spots[:8])
+        assert all(v.lifecycle == "spot" for v in failed)
+        assert all(v.detail.startswith("capacity") for v in failed)
+        history = [
+            (h.kind, h.detail) for h in (await _job(broker, view.job_id)).history
+        ]
+        assert ("job.provisioning", "launching") in history
+        await broker.admin().call("CancelJob", pb.JobRequest(job_id=view.job_id))
