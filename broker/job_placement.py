@@ -63,21 +63,26 @@ class PlacementMixin:
         await self._note(record, "job.preplacing", outcome)
 
     def _account(self: JobManager, now: float) -> None:
-        """Adds the time since the last tick to running jobs' run time and
-        cost (at their host's price), and to the catalog's hours."""
+        """Adds the time since the last tick to running jobs' run time, to
+        the cost of jobs holding a host (at its price), and to the catalog's
+        spot hours."""
         dt = now - self._last_tick_s if self._last_tick_s else 0.0
         self._last_tick_s = now
         if not 0 < dt < 60:
             return
         for record in self.jobs.values():
             view = record.view
-            if view.state != "RUNNING":
+            if view.state not in ("RUNNING", "CHECKPOINTING", "MIGRATING"):
                 continue
             host = self.core.fleet.hosts.get(view.host_id)
-            view.run_seconds += dt
+            if view.state == "RUNNING":
+                view.run_seconds += dt
             if host is None:
                 continue
+            # The host is paid for while the job checkpoints and restores too.
             view.cost_usd += dt / 3600.0 * self._price(host)
+            if view.state != "RUNNING":
+                continue
             ident = host.identity
             if self.catalog is not None and ident.spot and ident.provider:
                 self.catalog.note_hours(
@@ -132,7 +137,13 @@ class PlacementMixin:
             if current == Choice.WAIT
             else (frozenset())
         )
-        available = self._spot_available(record, exclude)
+        host = self.core.fleet.hosts.get(record.view.host_id)
+        if current == Choice.SPOT and host is not None and not host.leaving:
+            # The job's own spot host is spot capacity it has: the policy's
+            # "available" means "can run on spot now", not "another is free".
+            available = True
+        else:
+            available = self._spot_available(record, exclude)
         kwargs = {
             "now_s": now,
             "restart_s": self.restart_s,
@@ -263,3 +274,17 @@ class PlacementMixin:
     def _job_ended(self: JobManager, job_id: str) -> bool:
         record = self.jobs.get(job_id)
         return record is None or record.view.state in TERMINAL
+
+    async def _check_deadlines(self: JobManager, now: float) -> None:
+        """Notes, once, each unfinished job whose deadline has passed."""
+        for record in list(self.jobs.values()):
+            view = record.view
+            deadline = view.spec.deadline_s
+            if not deadline or now <= deadline or view.state in TERMINAL:
+                continue
+            await self._note_once(
+                record,
+                "job.deadline-missed",
+                f"{view.state.lower()} at the deadline, after "
+                f"{view.run_seconds / 3600:.2f} h of {view.spec.work_hours:g} h",
+            )

@@ -60,6 +60,8 @@ class JobManager(PlacementMixin):
         self._last_tick_s = 0.0
         self._switched_at: dict[str, float] = {}
         self._waiting_noted: dict[str, str] = {}
+        self._in_tick = False
+        self._tick_candidates: list[Candidate] | None = None
 
     async def load(self) -> None:
         for record in await self.store.load_all():
@@ -381,6 +383,13 @@ class JobManager(PlacementMixin):
 
     async def tick(self) -> None:
         """Places pending jobs and moves migrations past their deadlines."""
+        self._in_tick, self._tick_candidates = True, None
+        try:
+            await self._tick()
+        finally:
+            self._in_tick, self._tick_candidates = False, None
+
+    async def _tick(self) -> None:
         now = time.time()
         self._account(now)
         if self.provisioner is not None:
@@ -393,6 +402,7 @@ class JobManager(PlacementMixin):
                 log.exception("jobs.provisioner_tick_failed")
         await self.place_pending()
         await self._apply_policies(now)
+        await self._check_deadlines(now)
         for record in list(self.jobs.values()):
             m = record.migration
             if not m:
@@ -500,6 +510,10 @@ class JobManager(PlacementMixin):
             )
             if target is not None:
                 await self._start(record, target, resume_from="")
+            elif self.provisioner is None:
+                await self._note_once(
+                    record, "job.waiting-for-host", _no_fit(record.view.spec)
+                )
             else:
                 await self._provision(record, allowed, "", "new job")
 
@@ -548,6 +562,33 @@ class JobManager(PlacementMixin):
         return None
 
     def _candidates(self, job_id: str = "") -> list[Candidate]:
+        """Connected hosts with their free GPUs, minus hosts launched for
+        another job that still waits for them.
+
+        Within a tick the list is built once (a fleet of hundreds of jobs
+        would otherwise rebuild it for every job); starting a job drops it.
+        """
+        if self._tick_candidates is None:
+            self._tick_candidates = self._build_candidates()
+            if not self._in_tick:
+                candidates, self._tick_candidates = self._tick_candidates, None
+            else:
+                candidates = self._tick_candidates
+        else:
+            candidates = self._tick_candidates
+        if self.provisioner is None:
+            return candidates
+        reserved = self.provisioner.reservations()
+        out = []
+        for c in candidates:
+            # A host launched for a job waits for it while it needs one.
+            owner = reserved.get(c.host_id, "")
+            if owner and owner != job_id and self._needs_host(owner):
+                continue
+            out.append(c)
+        return out
+
+    def _build_candidates(self) -> list[Candidate]:
         busy = {
             u
             for r in self.jobs.values()
@@ -559,11 +600,6 @@ class JobManager(PlacementMixin):
         for h in self.core.fleet.hosts.values():
             if h.status != LIVE or h.outbox is None or h.leaving:
                 continue
-            if self.provisioner is not None:
-                # A host launched for a job waits for it while it needs one.
-                owner = self.provisioner.reserved_for(h.host_id)
-                if owner and owner != job_id and self._needs_host(owner):
-                    continue
             free = tuple(
                 u
                 for u, g in sorted(h.gpus.items(), key=lambda kv: kv[1].info.index)
@@ -586,6 +622,7 @@ class JobManager(PlacementMixin):
     async def _start(
         self, record: JobRecord, target: Candidate, *, resume_from: str
     ) -> None:
+        self._tick_candidates = None  # its GPUs are taken now
         view = record.view
         view.attempt += 1
         view.host_id = target.host_id
@@ -659,3 +696,15 @@ class JobManager(PlacementMixin):
         return json_format.MessageToDict(
             self.get(job_id).view, preserving_proto_field_name=True
         )
+
+
+def _no_fit(spec: pb.JobSpec) -> str:
+    """Why a pending job has no host yet, in the words of its flags."""
+    needs = [f"{max(spec.gpus, 0)} free GPU(s)"]
+    if spec.labels:
+        needs.append("labels " + ",".join(f"{k}={v}" for k, v in spec.labels.items()))
+    if spec.hardware:
+        needs.append(f"hardware {spec.hardware}")
+    if spec.max_usd_per_hour:
+        needs.append(f"at most {spec.max_usd_per_hour:g} USD/h")
+    return "no connected host has " + ", ".join(needs)

@@ -128,6 +128,7 @@ class Provisioner:
         # launching that follows.
         self._never_enrolled = 0
         self._paused_until_s = 0.0
+        self._has_offer: dict[tuple[Any, ...], bool] = {}
         # Where to look for instances of this fleet that no record holds.
         self.places = list(places)
         self._next_sweep_s = 0.0
@@ -160,6 +161,15 @@ class Provisioner:
             if view.state == st.ENROLLED and view.launch_id not in self._used:
                 return view
         return None
+
+    def reservations(self) -> dict[str, str]:
+        """Enrolled launched hosts by host id, each with the job it was
+        launched for."""
+        return {
+            v.host_id: v.job_id
+            for v in self.instances.values()
+            if v.state == st.ENROLLED and v.host_id
+        }
 
     def reserved_for(self, host_id: str) -> str:
         """The job an enrolled launched host was started for, or ""."""
@@ -195,8 +205,19 @@ class Provisioner:
         return self._clock() - self._spot_failed.get(job_id, -1e18) < SPOT_RETRY_S
 
     def has_offer(self, spec: pb.JobSpec, lifecycles: tuple[str, ...]) -> bool:
-        """Whether the catalog has an offer this broker could launch."""
-        return bool(self._offers(_Wanted("", spec, lifecycles, "", "")))
+        """Whether the catalog has an offer this broker could launch
+        (remembered until the next tick: jobs alike ask alike)."""
+        key = (
+            max(spec.gpus, 1),
+            spec.accelerator,
+            spec.max_usd_per_hour,
+            lifecycles,
+        )
+        found = self._has_offer.get(key)
+        if found is None:
+            found = bool(self._offers(_Wanted("", spec, lifecycles, "", "")))
+            self._has_offer[key] = found
+        return found
 
     # ------------------------------------------------------------ requests
 
@@ -491,6 +512,7 @@ class Provisioner:
                 launched for it and never used is released at once.
         """
         now = self._clock()
+        self._has_offer.clear()
         self._maybe_sweep(now)
         enrolled_hosts = set()
         for host in hosts.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -200,3 +201,60 @@ async def test_a_job_on_demand_moves_to_spot_when_a_spot_host_appears(
     assert history["job.checkpointing"] == "policy-spot"
     assert "job.migrated" in history
     await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+
+
+@pytest.mark.parametrize("policy", ["uniform-progress", "gpufleet", "greedy-spot"])
+async def test_a_job_keeps_its_live_spot_host_when_slack_is_short(
+    tmp_path: Path,
+    broker_factory: Any,
+    agent_factory: Any,
+    policy: str,
+) -> None:
+    """The job's own spot host counts as spot it has: with a free on-demand
+    host and little slack, the policy does not move it off a healthy spot
+    host (that would pay a restart for nothing)."""
+    broker = await broker_factory(policy=POLICY)
+    await _hosts(tmp_path, broker, agent_factory, {"i-spot": True, "i-od": False})
+    job_id = await _submit(
+        broker,
+        _spec(
+            policy=policy,
+            work_hours=1.0,
+            deadline_s=time.time() + 3600 + RESTART_S + 1100,
+            checkpoint_url=str(tmp_path / "ckpt"),
+        ),
+    )
+    await eventually(lambda: _running_on(broker, job_id, "i-spot"))
+    await asyncio.sleep(4)
+    view = await _job(broker, job_id)
+    assert view.host_id == "i-spot"
+    assert view.attempt == 1
+    await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+
+
+async def test_a_job_no_host_fits_says_why_and_when_its_deadline_passed(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any
+) -> None:
+    """Without provisioning, a job under every host's price waits with the
+    reason in its history, and the passed deadline is noted once."""
+    broker = await broker_factory(policy=POLICY)
+    await _hosts(tmp_path, broker, agent_factory, {"i-od": False})
+    job_id = await _submit(
+        broker,
+        _spec(
+            policy="on-demand",
+            work_hours=0.0001,
+            deadline_s=time.time() + 2.5,
+            max_usd_per_hour=0.01,
+        ),
+    )
+
+    async def noted() -> bool:
+        kinds = [line.kind for line in (await _job(broker, job_id)).history]
+        return "job.deadline-missed" in kinds
+
+    await eventually(noted, timeout_s=10)
+    history = [(h.kind, h.detail) for h in (await _job(broker, job_id)).history]
+    waiting = "no connected host has 1 free GPU(s), at most 0.01 USD/h"
+    assert ("job.waiting-for-host", waiting) in history
+    assert [k for k, _ in history].count("job.deadline-missed") == 1
