@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 HOUR_S = 3600.0
@@ -19,6 +20,11 @@ DEFAULT_ON_DEMAND_PRICE = 3.06
 DEFAULT_SPOT_PRICE = 0.918
 DEFAULT_HOSTS = 100
 DEFAULT_DAYS = 30.0
+
+
+# Bounds of a simulation: a year of 10,000 hosts already takes minutes.
+MAX_DAYS = 3650.0
+MAX_HOSTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,38 @@ class FleetSpec:
     def problems(self) -> list[str]:
         """Every invalid field, each naming its option."""
         found: list[str] = []
+        for option, value in (
+            ("--days", self.days),
+            ("--job-gap-hours", self.job_gap_hours),
+            ("--job-hours", self.job_hours),
+            ("--deadline-hours", self.deadline_hours),
+            ("--slack", self.slack),
+            ("--restart-minutes", self.restart_minutes),
+            ("--checkpoint-minutes", self.checkpoint_minutes),
+            ("--on-demand-price", self.on_demand_price),
+            ("--spot-price", self.spot_price),
+            ("--max-price", self.max_spot_price),
+            ("--steps-per-hour", self.steps_per_hour),
+        ):
+            if value is not None and not math.isfinite(value):
+                found.append(f"{option} must be a finite number, got {value}")
+        if found:
+            return found
+        if self.days > MAX_DAYS:
+            found.append(f"--days must be at most {MAX_DAYS}, got {self.days}")
+        if self.jobs is None and self.hosts > MAX_HOSTS:
+            found.append(f"--hosts must be at most {MAX_HOSTS}, got {self.hosts}")
+        if self.max_spot_price is not None and self.max_spot_price < 0:
+            found.append(f"--max-price must be >= 0 USD/h, got {self.max_spot_price}")
+        if self.job_hours > 0 and self.window_s < (
+            self.job_hours * HOUR_S + self.restart_minutes * 60
+        ):
+            found.append(
+                f"the deadline ({self.window_s / HOUR_S:g} h after the start) "
+                f"leaves less than one start ({self.restart_minutes:g} min) beyond "
+                f"the {self.job_hours:g} h of work: every policy, on-demand too, "
+                "would miss it; give a longer --deadline-hours or --slack"
+            )
         if self.jobs is not None and self.jobs < 1:
             found.append(f"--jobs must be at least 1, got {self.jobs}")
         if self.jobs is None and self.hosts < 1:

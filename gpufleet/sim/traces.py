@@ -59,6 +59,12 @@ class SpotTrace:
         return [v >= gang for v in self.values]
 
 
+# Ticks of a trace: the SkyPilot traces use 30 to 600 s; below a second the
+# simulation would crawl, above a day it says nothing about preemptions.
+MIN_GAP_S = 1.0
+MAX_GAP_S = 86400.0
+
+
 def default_traces_dir() -> Path | None:
     """The repository's ``data/skypilot-spot-traces``, if run from a checkout."""
     path = _REPO_ROOT / "data" / "skypilot-spot-traces"
@@ -90,8 +96,15 @@ def _check_doc(doc: Any) -> tuple[list[str], float, list[Any], Any]:
         )
     meta = doc.get("metadata")
     gap: Any = meta.get("gap_seconds") if isinstance(meta, dict) else None
-    if isinstance(gap, bool) or not isinstance(gap, int | float) or not gap > 0:
-        problems.append(f"metadata.gap_seconds must be a positive number, got {gap!r}")
+    if (
+        isinstance(gap, bool)
+        or not isinstance(gap, int | float)
+        or not (MIN_GAP_S <= gap <= MAX_GAP_S)
+    ):
+        problems.append(
+            f"metadata.gap_seconds must be a number of seconds from {MIN_GAP_S:g} "
+            f"to {MAX_GAP_S:g}, got {gap!r}"
+        )
         gap = 0
     data = doc.get("data")
     if not isinstance(data, list):

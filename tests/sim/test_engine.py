@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -169,7 +171,42 @@ def test_bad_spec_reports_every_problem(tmp_path: Path) -> None:
     spec = FleetSpec(jobs=0, days=-1, slack=0.5)
     with pytest.raises(ConfigError) as info:
         simulate_fleet([t], spec, ["gpufleet"])
-    assert len(info.value.problems) == 3
+    assert len(info.value.problems) == 4
+    assert any("on-demand too, would miss it" in p for p in info.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"days": math.inf}, "--days must be a finite number"),
+        ({"restart_minutes": math.nan}, "--restart-minutes must be a finite"),
+        ({"steps_per_hour": math.inf}, "--steps-per-hour must be a finite"),
+        ({"on_demand_price": math.inf}, "--on-demand-price must be a finite"),
+        ({"max_spot_price": -1.0}, "--max-price must be >= 0"),
+        ({"hosts": 100_000}, "--hosts must be at most 10000"),
+        ({"days": 5000.0}, "--days must be at most 3650"),
+        ({"job_hours": 1.0, "deadline_hours": 1.1}, "leaves less than one start"),
+    ],
+)
+def test_options_that_would_hang_crash_or_mean_nothing_are_refused(
+    fields: dict[str, float], message: str
+) -> None:
+    """Non-finite numbers, absurd sizes and deadlines no policy can meet are
+    refused before the run, naming the option."""
+    problems = FleetSpec(**fields).problems()
+    assert any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("gap", [1e-300, 0.5, math.inf, 1e9])
+def test_trace_ticks_outside_a_second_to_a_day_are_refused(
+    tmp_path: Path, gap: float
+) -> None:
+    """A trace whose tick would make the run crawl or mean nothing is
+    refused with the file named."""
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"metadata": {"gap_seconds": gap}, "data": [0, 1, 0]}))
+    with pytest.raises(ConfigError, match="gap_seconds must be a number of seconds"):
+        load_trace(path)
 
 
 def test_unknown_policy_is_refused(tmp_path: Path) -> None:
