@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gpufleet.broker import job_policy
-from gpufleet.broker.fleet import HostState
+from gpufleet.broker.fleet import LIVE, HostState
 from gpufleet.broker.jobstore import JobRecord
 from gpufleet.broker.spot_policy import Choice
 
@@ -77,7 +77,9 @@ class PlacementMixin:
             host = self.core.fleet.hosts.get(view.host_id)
             if view.state == "RUNNING":
                 view.run_seconds += dt
-            if host is None:
+            if host is None or host.status != LIVE:
+                # A lost or disconnected host is no longer the job's: its
+                # instance is gone or stopped serving it.
                 continue
             # The host is paid for while the job checkpoints and restores too.
             view.cost_usd += dt / 3600.0 * self._price(host)

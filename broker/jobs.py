@@ -589,10 +589,12 @@ class JobManager(PlacementMixin):
         return out
 
     def _build_candidates(self) -> list[Candidate]:
+        # GPUs held per host: a started job holds its GPUs before its agent
+        # reports it runs. Keyed by host too, since a UUID is only what an
+        # agent reports (cloned or replayed hosts report the same ones).
         busy = {
-            u
+            (r.view.host_id, u)
             for r in self.jobs.values()
-            # A started job holds its GPUs before its agent reports it runs.
             if r.view.state in ACTIVE or (r.view.state == "PENDING" and r.view.host_id)
             for u in r.view.gpu_uuids
         }
@@ -603,7 +605,7 @@ class JobManager(PlacementMixin):
             free = tuple(
                 u
                 for u, g in sorted(h.gpus.items(), key=lambda kv: kv[1].info.index)
-                if u not in busy
+                if (h.host_id, u) not in busy
             )
             out.append(
                 Candidate(

@@ -258,3 +258,50 @@ async def test_a_job_no_host_fits_says_why_and_when_its_deadline_passed(
     waiting = "no connected host has 1 free GPU(s), at most 0.01 USD/h"
     assert ("job.waiting-for-host", waiting) in history
     assert [k for k, _ in history].count("job.deadline-missed") == 1
+
+
+async def test_a_job_from_a_lost_host_resumes_on_a_host_reporting_the_same_gpu(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any
+) -> None:
+    """A job whose host is lost costs nothing while it waits, and starts on
+    the next host that comes, even if that host's agent reports the GPU UUID
+    the lost one did (a cloned image or a replayed trace does)."""
+    broker = await broker_factory(policy=POLICY)
+    identity = IdentityConfig(
+        discover=False,
+        provider="aws",
+        region="us-east-1",
+        zone="us-east-1a",
+        instance_id="i-first",
+        instance_type="g5.xlarge",
+        spot=False,
+    )
+    cfg = agent_config(tmp_path, broker.addr, "i-first", identity=identity)
+    cfg.preemption.enabled = False
+    first = await agent_factory(cfg, NvmlCollector(FakeNvml([a10g(uuid="GPU-same")])))
+    job_id = await _submit(broker, _spec())
+    await eventually(lambda: _running_on(broker, job_id, "i-first"))
+    await first.shutdown()
+
+    async def waiting() -> bool:
+        return (await _job(broker, job_id)).state == "MIGRATING"
+
+    await eventually(waiting, timeout_s=20)
+    cost = (await _job(broker, job_id)).cost_usd
+    await asyncio.sleep(2.5)
+    assert (await _job(broker, job_id)).cost_usd == cost
+
+    second = IdentityConfig(
+        discover=False,
+        provider="aws",
+        region="us-east-1",
+        zone="us-east-1b",
+        instance_id="i-second",
+        instance_type="g5.xlarge",
+        spot=False,
+    )
+    cfg = agent_config(tmp_path, broker.addr, "i-second", identity=second)
+    cfg.preemption.enabled = False
+    await agent_factory(cfg, NvmlCollector(FakeNvml([a10g(uuid="GPU-same")])))
+    await eventually(lambda: _running_on(broker, job_id, "i-second"), timeout_s=20)
+    await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
