@@ -69,7 +69,11 @@ class IdentityConfig:
     spot: bool | None = None
     project: str | None = None
     discover: bool = True
+    # How long a metadata service has to give its first answer (an off-cloud
+    # host waits this long at start-up), and how long all of the identity
+    # may take once it has answered.
     metadata_timeout_s: float = 0.5
+    metadata_total_timeout_s: float = 5.0
     # Where the cloud's metadata service answers; set it to rehearse with
     # 'gpufleet dev metadata-server'. None: each cloud's own address.
     metadata_base: str | None = None
@@ -212,6 +216,14 @@ class AgentConfig:
             "reconnect_min_s/reconnect_max_s: need 0 < min <= max, got "
             f"{self.reconnect_min_s}/{self.reconnect_max_s}",
         )
+        for name in ("metadata_timeout_s", "metadata_total_timeout_s"):
+            value = getattr(self.identity, name)
+            require(
+                p,
+                isinstance(value, int | float) and 0 < value <= 60,
+                f"identity.{name}: must be a number of seconds in (0, 60], "
+                f"got {value!r}",
+            )
         tls = (self.tls.ca, self.tls.cert, self.tls.key)
         require(
             p,

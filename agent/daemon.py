@@ -275,6 +275,7 @@ async def run(
     agent.identity = await discover_identity(
         name=cfg.name,
         timeout_s=cfg.identity.metadata_timeout_s,
+        total_timeout_s=cfg.identity.metadata_total_timeout_s,
         providers=("aws", "gcp", "azure") if cfg.identity.discover else (),
         overrides=_identity_overrides(cfg),
         **bases,

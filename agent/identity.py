@@ -1,9 +1,10 @@
 """Host identity for the agent daemon: which cloud, region, instance and price class.
 
 The agent asks each cloud's instance metadata service at once (AWS IMDSv2, GCP,
-Azure IMDS) with a short timeout, so off-cloud start-up costs at most about
-``timeout_s``. A slow, failing or garbled service never stops the agent: the
-host is then treated as off-cloud.
+Azure IMDS) with a short timeout for the first answer, so off-cloud start-up
+costs at most about ``timeout_s``; a service that has answered once gets a
+longer budget for the rest. A slow, failing or garbled service never stops
+the agent: the host is then treated as off-cloud.
 """
 
 from __future__ import annotations
@@ -144,14 +145,45 @@ _PROBES: dict[str, Callable[[httpx.AsyncClient, str], Awaitable[_Fields]]] = {
 
 
 async def _probe(
-    provider: str, client: httpx.AsyncClient, base: str, timeout_s: float
+    provider: str, base: str, timeout_s: float, total_timeout_s: float
 ) -> _Fields | None:
-    """Runs one provider's probe; None when it is not this host's cloud."""
+    """Runs one provider's probe; None when it is not this host's cloud.
+
+    The service has ``timeout_s`` to give a first answer (off-cloud, nothing
+    answers, and start-up must stay quick); once it has answered, this is
+    the cloud, and the whole probe may take ``total_timeout_s``: a busy
+    metadata service must not make a cloud host look off-cloud.
+    """
+    loop = asyncio.get_running_loop()
+    deadline: asyncio.Timeout | None = None
+    answered = False
+
+    async def heard(_response: httpx.Response) -> None:
+        nonlocal answered
+        answered = True
+        if deadline is not None:
+            when = loop.time() + total_timeout_s
+            current = deadline.when()
+            if current is None or current < when:
+                deadline.reschedule(when)
+
+    # Metadata services are link-local: a proxy from the environment would
+    # only send the request somewhere else.
+    client = httpx.AsyncClient(
+        timeout=max(timeout_s, total_timeout_s),
+        trust_env=False,
+        event_hooks={"response": [heard]},
+    )
     try:
-        async with asyncio.timeout(timeout_s):
+        async with client, asyncio.timeout(timeout_s) as deadline:
             return await _PROBES[provider](client, base)
     except TimeoutError:
-        log.debug("identity.probe_timeout", provider=provider, timeout_s=timeout_s)
+        log.debug(
+            "identity.probe_timeout",
+            provider=provider,
+            answered=answered,
+            timeout_s=timeout_s,
+        )
     except httpx.HTTPStatusError as exc:
         log.debug(
             "identity.probe_refused", provider=provider, status=exc.response.status_code
@@ -187,6 +219,7 @@ async def discover_identity(
     name: str | None = None,
     providers: Iterable[str] = PROVIDERS,
     timeout_s: float = 0.5,
+    total_timeout_s: float = 5.0,
     aws_base: str = "http://169.254.169.254",
     gcp_base: str = "http://metadata.google.internal",
     azure_base: str = "http://169.254.169.254",
@@ -197,7 +230,10 @@ async def discover_identity(
     Args:
         name: the configured host name, used as host_id off-cloud.
         providers: clouds to probe, in order of preference.
-        timeout_s: budget of each provider's probe; all run concurrently.
+        timeout_s: how long each provider's service has to answer first;
+            all run concurrently, so an off-cloud host waits about this long.
+        total_timeout_s: how long a provider's whole probe may take once
+            its service has answered.
         aws_base: base URL of the AWS IMDS.
         gcp_base: base URL of the GCP metadata server.
         azure_base: base URL of the Azure IMDS.
@@ -216,12 +252,9 @@ async def discover_identity(
     )
 
     if wanted:
-        # Metadata services are link-local: a proxy from the environment
-        # would only send the request somewhere else.
-        client = httpx.AsyncClient(timeout=timeout_s, trust_env=False)
-        async with client, asyncio.TaskGroup() as tg:
+        async with asyncio.TaskGroup() as tg:
             tasks = {
-                p: tg.create_task(_probe(p, client, bases[p], timeout_s))
+                p: tg.create_task(_probe(p, bases[p], timeout_s, total_timeout_s))
                 for p in wanted
             }
         for provider in wanted:

@@ -15,6 +15,7 @@ def test_agent_config_reports_type_unknown_and_range_problems_together(
     path = tmp_path / "agent.yaml"
     path.write_text(
         "buffer_max_samples: lots\ninterval_s: 0\ntls: {ca: /x}\nreplay: {speedx: 2}\n"
+        "identity: {metadata_total_timeout_s: 0}\n"
     )
     with pytest.raises(ConfigError) as info:
         load_agent_config(path)
@@ -23,6 +24,7 @@ def test_agent_config_reports_type_unknown_and_range_problems_together(
     assert "interval_s: must be a number > 0" in problems
     assert "tls: set ca, cert and key together" in problems
     assert "replay.speedx: unknown field; did you mean replay.speedup?" in problems
+    assert "identity.metadata_total_timeout_s: must be a number of seconds" in problems
 
 
 def test_agent_config_environment_overrides_nested_fields(

@@ -157,3 +157,33 @@ async def test_identity_bad_overrides_raise_config_error_naming_each() -> None:
 
     assert info.value.problems[0].startswith("unknown field 'colour'")
     assert "spot" in info.value.problems[1]
+
+
+async def test_identity_busy_service_that_answered_once_is_still_the_cloud() -> None:
+    """A service that answers its first request at once and the rest slowly
+    (a loaded host) is read in full: the host is not taken for off-cloud."""
+    with metadata_server("aws", mode="slow-after-first", delay_s=0.4) as aws:
+        identity = await discover_identity(
+            timeout_s=0.2,
+            total_timeout_s=3.0,
+            **_bases(aws_base=aws.base_url),
+        )
+
+    assert identity.provider == "aws"
+    assert identity.instance_id == AWS_DEFAULT["instance-id"]
+
+
+async def test_identity_busy_service_past_the_total_budget_falls_back() -> None:
+    with metadata_server("aws", mode="slow-after-first", delay_s=2.0) as aws:
+        started = time.monotonic()
+        identity = await discover_identity(
+            name="busy-host",
+            timeout_s=0.2,
+            total_timeout_s=0.5,
+            **_bases(aws_base=aws.base_url),
+        )
+        elapsed_s = time.monotonic() - started
+
+    assert identity.provider == ""
+    assert identity.host_id == "busy-host"
+    assert elapsed_s < 1.5

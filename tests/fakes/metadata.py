@@ -52,8 +52,9 @@ class MetadataServer:
         cloud: "aws", "gcp" or "azure".
         values: the answers (path -> text for AWS and GCP, the instance JSON
             document for Azure); the cloud's defaults when None.
-        mode: "ok", "slow" (answers after ``delay_s``) or "garbled" (answers
-            200 with nonsense).
+        mode: "ok", "slow" (answers after ``delay_s``), "slow-after-first"
+            (the first request at once, every later one after ``delay_s``:
+            a busy service) or "garbled" (answers 200 with nonsense).
     """
 
     def __init__(
@@ -70,6 +71,8 @@ class MetadataServer:
         self.mode = mode
         self.delay_s = delay_s
         self.requests: list[tuple[str, str, int]] = []
+        self.arrived = 0
+        self.lock = threading.Lock()
         self.stop_waiting = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -93,9 +96,9 @@ class MetadataServer:
         self._server.server_close()
 
     def _answer(
-        self, method: str, path: str, headers: Any
+        self, method: str, path: str, headers: Any, *, first: bool = True
     ) -> tuple[int, str, dict[str, str]]:
-        if self.mode == "slow":
+        if self.mode == "slow" or (self.mode == "slow-after-first" and not first):
             self.stop_waiting.wait(self.delay_s)
         if self.mode == "garbled":
             return 200, "\x00<html>garbage{", {}
@@ -152,7 +155,12 @@ class MetadataServer:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self) -> None:
                 path = urlsplit(self.path).path
-                status, body, extra = server._answer(self.command, path, self.headers)
+                with server.lock:
+                    first = server.arrived == 0
+                    server.arrived += 1
+                status, body, extra = server._answer(
+                    self.command, path, self.headers, first=first
+                )
                 server.requests.append((self.command, self.path, status))
                 payload = body.encode()
                 try:
