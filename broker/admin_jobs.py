@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from gpufleet.broker.core import BrokerCore
-from gpufleet.broker.jobs import JobError
+from gpufleet.broker.jobs import InvalidJobError, JobError
 from gpufleet.proto import pb
 
 
@@ -25,11 +25,12 @@ class JobsMixin:
         try:
             return await call
         except JobError as exc:
-            code = (
-                grpc.StatusCode.NOT_FOUND
-                if str(exc).startswith("no job")
-                else grpc.StatusCode.FAILED_PRECONDITION
-            )
+            if isinstance(exc, InvalidJobError):
+                code = grpc.StatusCode.INVALID_ARGUMENT
+            elif str(exc).startswith("no job"):
+                code = grpc.StatusCode.NOT_FOUND
+            else:
+                code = grpc.StatusCode.FAILED_PRECONDITION
             detail = f"{exc}" + (f" (hint: {exc.hint})" if exc.hint else "")
             await context.abort(code, detail)
 

@@ -64,6 +64,21 @@ def check_spec(spec: pb.JobSpec, now_s: float | None = None) -> list[str]:
             "--deadline needs --work-hours (how long the job computes), so "
             "that the policy can tell how much slack is left"
         )
+    if spec.work_hours and not spec.deadline_s:
+        problems.append(
+            "--work-hours needs --deadline: the hours of work only matter "
+            "against a deadline"
+        )
+    if (
+        spec.deadline_s > now_s
+        and 0 < spec.work_hours <= 24 * 365
+        and spec.work_hours * 3600.0 > spec.deadline_s - now_s
+    ):
+        problems.append(
+            f"--work-hours {spec.work_hours:g} cannot be done by the deadline, "
+            f"{(spec.deadline_s - now_s) / 3600.0:.2f} h from now, even on "
+            "on-demand: give a later --deadline or fewer --work-hours"
+        )
     if spec.work_hours < 0 or spec.work_hours > 24 * 365:
         problems.append(f"--work-hours: must be in 0..8760, got {spec.work_hours}")
     if not _ACCELERATOR.match(spec.accelerator):

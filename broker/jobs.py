@@ -42,6 +42,14 @@ class JobError(GpufleetError):
     """A job request cannot be carried out; the message says why."""
 
 
+class InvalidJobError(JobError):
+    """A submitted job's fields are wrong; ``problems`` names each flag."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("cannot submit the job: " + "; ".join(self.problems))
+
+
 class JobManager(PlacementMixin):
     """Every job of the fleet; see the module docstring."""
 
@@ -77,7 +85,7 @@ class JobManager(PlacementMixin):
             problems.append(f"--gpus {spec.gpus}: at most 64")
         problems.extend(job_policy.check_spec(spec))
         if problems:
-            raise JobError("cannot submit the job: " + "; ".join(problems))
+            raise InvalidJobError(problems)
         now = time.time()
         name = re.sub(r"[^A-Za-z0-9._-]", "-", spec.name or "job")[:40]
         view = pb.JobView(
@@ -94,13 +102,14 @@ class JobManager(PlacementMixin):
         await self._note(
             record, "job.submitted", f"{spec.gpus} GPU(s): {' '.join(spec.argv)}"
         )
-        left_h = (spec.deadline_s - now) / 3600.0
-        if spec.deadline_s and spec.work_hours > left_h:
+        left_s = spec.deadline_s - now
+        if spec.deadline_s and spec.work_hours * 3600.0 + self.restart_s > left_s:
             await self._note(
                 record,
                 "job.deadline-at-risk",
-                f"{spec.work_hours:g} h of work and {left_h:.2f} h to the "
-                "deadline: it will be missed even on on-demand",
+                f"{spec.work_hours:g} h of work and {left_s / 3600.0:.2f} h to the "
+                f"deadline leave less than one restart ({self.restart_s:.0f} s): "
+                "it runs on on-demand, and any interruption makes it late",
             )
         await self.place_pending()
         return self.jobs[view.job_id].view

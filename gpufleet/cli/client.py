@@ -16,7 +16,12 @@ from typing import Any
 import click
 import grpc
 
-from gpufleet.errors import AuthError, BrokerUnavailableError, GpufleetError
+from gpufleet.errors import (
+    AuthError,
+    BrokerUnavailableError,
+    ConfigError,
+    GpufleetError,
+)
 from gpufleet.proto import MAX_MESSAGE_BYTES, rpc
 
 DEFAULT_BROKER = "127.0.0.1:50051"
@@ -133,6 +138,9 @@ def translate(exc: grpc.RpcError, broker: str) -> GpufleetError:
             hint="check --token / GPUFLEET_ADMIN_TOKEN against the broker's "
             "admin.token file",
         )
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        # The request itself is wrong: a usage error, as a bad flag is.
+        return ConfigError("request", [exc.details() or code.name])
     return GpufleetError(
         f"the broker at {broker} answered {code.name}: {exc.details()}"
     )

@@ -150,6 +150,25 @@ async def test_cli_unreachable_broker_exits_3(capsys) -> None:
     assert f"cannot reach the broker at {addr}" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--deadline", "12h"), "--deadline needs --work-hours"),
+        (("--work-hours", "3"), "--work-hours needs --deadline"),
+        (("--deadline", "2h", "--work-hours", "5"), "cannot be done by the deadline"),
+    ],
+)
+async def test_cli_job_the_broker_refuses_is_a_usage_error_exiting_2(
+    fleet, capsys, flags: tuple[str, ...], message: str
+) -> None:
+    code = await run_cli(
+        "--broker", fleet.addr, "--token", TOKEN, "jobs", "submit", *flags, "--", "true"
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+
+
 async def test_cli_usage_error_exits_2(capsys) -> None:
     assert await run_cli("hosts", "--no-such-flag") == 2
 

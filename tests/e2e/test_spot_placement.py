@@ -159,6 +159,11 @@ async def test_greedy_spot_waits_for_spot_then_falls_back_when_slack_runs_out(
         ({"max_usd_per_hour": float("nan")}, "--max-price: must be a finite"),
         ({"work_hours": float("inf")}, "--work-hours: must be a finite"),
         ({"accelerator": "$(reboot)"}, "--accelerator"),
+        ({"work_hours": 2}, "--work-hours needs --deadline"),
+        (
+            {"work_hours": 5, "deadline_s": time.time() + 2 * 3600},
+            "cannot be done by the deadline",
+        ),
     ],
 )
 async def test_submit_refuses_bad_policy_fields_with_the_flag_named(
@@ -169,7 +174,7 @@ async def test_submit_refuses_bad_policy_fields_with_the_flag_named(
     broker = await broker_factory(policy=POLICY)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _submit(broker, _spec(**fields))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (err.value.details() or "")
     jobs = await broker.admin().call("ListJobs", pb.ListJobsRequest())
     assert list(jobs.jobs) == []
