@@ -314,7 +314,7 @@ class JobManager(PlacementMixin):
         ):
             view.state = "SUCCEEDED" if u.state == "succeeded" else "FAILED"
             await self._note(
-                record, f"job.{u.state}", f"exit code {u.exit_code} {u.detail}"
+                record, f"job.{u.state}", u.detail or f"exit code {u.exit_code}"
             )
         elif (
             u.state in ("succeeded", "failed", "stopped")

@@ -55,7 +55,8 @@ def demo(
     """Run a broker and agents on loopback and reap idle GPUs on real traces.
 
     Without a subcommand: the idle-reaper demo. 'gpufleet demo migrate': the
-    preemption and migration demo.
+    preemption and migration demo. 'gpufleet demo spot': the spot market, a
+    launched host, a notice and the replacement in another zone.
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -89,10 +89,16 @@ def gpus(opts: ClientOptions, host_id: str) -> None:
     if opts.json:
         print_json({"gpus": [to_dict(g) for g in views]})
         return
+    # A GPU's last sample says nothing once its host stopped reporting.
+    hosts = _call(opts, "ListHosts", pb.ListHostsRequest())
+    status = {h.identity.host_id: h.status for h in hosts.hosts}  # type: ignore[attr-defined]
     rows = []
     for g in views:
         s = g.last_sample
         health = HEALTH.get(s.health, "?") if g.HasField("last_sample") else "no data"
+        host_status = status.get(g.host_id, "connected")
+        if host_status != "connected":
+            health = f"host {host_status}"
         mem = (
             f"{gib(s.mem_used_bytes)}/{gib(g.info.mem_total_bytes)}"
             if s.HasField("mem_used_bytes")
@@ -114,7 +120,7 @@ def gpus(opts: ClientOptions, host_id: str) -> None:
                 mem,
                 f"{s.power_w:.0f}" if s.HasField("power_w") else "?",
                 procs,
-                "idle" if g.idle else "-",
+                "idle" if g.idle and host_status == "connected" else "-",
             ]
         )
     print_table(
@@ -133,9 +139,14 @@ def gpus(opts: ClientOptions, host_id: str) -> None:
         ],
         rows,
     )
-    healthy = sum(1 for g in views if g.last_sample.health == pb.GPU_HEALTH_OK)
-    lost = sum(1 for g in views if g.last_sample.health == pb.GPU_HEALTH_LOST)
-    click.echo(f"{len(views)} GPUs: {healthy} healthy, {lost} lost", err=True)
+    away = [g for g in views if status.get(g.host_id, "connected") != "connected"]
+    here = [g for g in views if status.get(g.host_id, "connected") == "connected"]
+    healthy = sum(1 for g in here if g.last_sample.health == pb.GPU_HEALTH_OK)
+    lost = sum(1 for g in here if g.last_sample.health == pb.GPU_HEALTH_LOST)
+    summary = f"{len(views)} GPUs: {healthy} healthy, {lost} lost"
+    if away:
+        summary += f", {len(away)} on hosts not connected"
+    click.echo(summary, err=True)
 
 
 @click.command("idle")

@@ -234,3 +234,24 @@ async def test_cli_second_broker_on_a_taken_port_exits_2(fleet, tmp_path: Path) 
     )
     assert proc.returncode == 2, proc.stderr
     assert f"cannot bind {fleet.addr}" in proc.stderr
+
+
+async def test_cli_gpus_of_a_host_gone_away_show_the_host_not_the_last_sample(
+    tmp_path: Path, broker_factory, agent_factory, capsys
+) -> None:
+    broker = await broker_factory(policy=POLICY)
+    cfg = agent_config(tmp_path, broker.addr, "node-gone")
+    agent = await agent_factory(cfg, NvmlCollector(FakeNvml([h100_idle(uuid="G1")])))
+    await eventually(lambda: _gpu_count(broker.addr, capsys, 1))
+    await agent.shutdown()
+    code = await run_cli("--broker", broker.addr, "--token", TOKEN, "gpus")
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "host disconnected" in captured.out
+    assert "idle" not in captured.out.split("host disconnected", 1)[1].split("\n")[0]
+    assert "1 on hosts not connected" in captured.err
+
+
+async def _gpu_count(addr: str, capsys: pytest.CaptureFixture[str], n: int) -> bool:
+    await run_cli("--broker", addr, "--token", TOKEN, "--json", "gpus")
+    return len(json.loads(capsys.readouterr().out)["gpus"]) == n
