@@ -36,7 +36,7 @@ def _show(opts: ClientOptions, view: pb.JobView) -> None:
     )
     spec = view.spec
     if spec.policy or spec.deadline_s or view.lifecycle:
-        deadline = when(spec.deadline_s) if spec.deadline_s else "none"
+        deadline = f"{when(spec.deadline_s)} UTC" if spec.deadline_s else "none"
         policy = spec.policy or (
             "gpufleet (default)" if spec.deadline_s else "none (plain placement)"
         )
@@ -45,6 +45,8 @@ def _show(opts: ClientOptions, view: pb.JobView) -> None:
             f"{view.lifecycle or '-'}, ran {view.run_seconds / 3600:.2f} h of "
             f"{spec.work_hours or '?'} h, cost {view.cost_usd:.2f} USD"
         )
+    if view.history:
+        click.echo("  history (UTC):")
     for line in view.history:
         click.echo(f"  {when(line.at_s)} {line.kind} {line.detail}")
 
@@ -173,7 +175,9 @@ def list_jobs(opts: ClientOptions, state: str) -> None:
         for v in resp.jobs
     ]
     print_table(
-        None, ["JOB", "STATE", "HOST", "GPUS", "STEP", "ATTEMPT", "UPDATED"], rows
+        None,
+        ["JOB", "STATE", "HOST", "GPUS", "STEP", "ATTEMPT", "UPDATED (UTC)"],
+        rows,
     )
 
 
