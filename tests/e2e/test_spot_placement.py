@@ -23,7 +23,12 @@ COUNTER_JOB = Path(__file__).with_name("counter_job.py")
 RESTART_S = 900.0
 
 
-ZONES = {"i-od": "us-east-1a", "i-spot": "us-east-1b"}
+ZONES = {
+    "i-od": "us-east-1a",
+    "i-spot": "us-east-1b",
+    "i-first": "us-east-1a",
+    "i-second": "us-east-1b",
+}
 
 
 async def _hosts(
@@ -32,9 +37,12 @@ async def _hosts(
     agent_factory: Any,
     kinds: dict[str, bool],
     connected_after: int = 0,
-) -> None:
+    gpu_uuid: str = "",
+) -> list[Any]:
     """Starts one A10G agent per (instance id, spot) and waits until
-    ``connected_after`` hosts (default: these) are connected."""
+    ``connected_after`` hosts (default: these) are connected; returns the
+    agents. Each GPU's UUID is ``GPU-<instance id>`` unless ``gpu_uuid``."""
+    agents = []
     for instance_id, spot in kinds.items():
         identity = IdentityConfig(
             discover=False,
@@ -47,8 +55,9 @@ async def _hosts(
         )
         cfg = agent_config(tmp_path, broker.addr, instance_id, identity=identity)
         cfg.preemption.enabled = False
-        collector = NvmlCollector(FakeNvml([a10g(uuid=f"GPU-{instance_id}")]))
-        await agent_factory(cfg, collector)
+        uuid = gpu_uuid or f"GPU-{instance_id}"
+        collector = NvmlCollector(FakeNvml([a10g(uuid=uuid)]))
+        agents.append(await agent_factory(cfg, collector))
 
     async def connected() -> bool:
         resp = await broker.admin().call("ListHosts", pb.ListHostsRequest())
@@ -56,6 +65,7 @@ async def _hosts(
         return count == (connected_after or len(kinds))
 
     await eventually(connected)
+    return agents
 
 
 def _spec(**fields: Any) -> pb.JobSpec:
@@ -272,18 +282,9 @@ async def test_a_job_from_a_lost_host_resumes_on_a_host_reporting_the_same_gpu(
     the next host that comes, even if that host's agent reports the GPU UUID
     the lost one did (a cloned image or a replayed trace does)."""
     broker = await broker_factory(policy=POLICY)
-    identity = IdentityConfig(
-        discover=False,
-        provider="aws",
-        region="us-east-1",
-        zone="us-east-1a",
-        instance_id="i-first",
-        instance_type="g5.xlarge",
-        spot=False,
+    (first,) = await _hosts(
+        tmp_path, broker, agent_factory, {"i-first": False}, gpu_uuid="GPU-same"
     )
-    cfg = agent_config(tmp_path, broker.addr, "i-first", identity=identity)
-    cfg.preemption.enabled = False
-    first = await agent_factory(cfg, NvmlCollector(FakeNvml([a10g(uuid="GPU-same")])))
     job_id = await _submit(broker, _spec())
     await eventually(lambda: _running_on(broker, job_id, "i-first"))
     await first.shutdown()
@@ -296,17 +297,13 @@ async def test_a_job_from_a_lost_host_resumes_on_a_host_reporting_the_same_gpu(
     await asyncio.sleep(2.5)
     assert (await _job(broker, job_id)).cost_usd == cost
 
-    second = IdentityConfig(
-        discover=False,
-        provider="aws",
-        region="us-east-1",
-        zone="us-east-1b",
-        instance_id="i-second",
-        instance_type="g5.xlarge",
-        spot=False,
+    await _hosts(
+        tmp_path,
+        broker,
+        agent_factory,
+        {"i-second": False},
+        connected_after=1,
+        gpu_uuid="GPU-same",
     )
-    cfg = agent_config(tmp_path, broker.addr, "i-second", identity=second)
-    cfg.preemption.enabled = False
-    await agent_factory(cfg, NvmlCollector(FakeNvml([a10g(uuid="GPU-same")])))
     await eventually(lambda: _running_on(broker, job_id, "i-second"), timeout_s=20)
     await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
