@@ -22,6 +22,7 @@ from gpufleet.sim.engine import (
 )
 from gpufleet.sim.report import (
     check_plotting,
+    plot_path_problems,
     render_table,
     summarize,
     to_document,
@@ -208,6 +209,8 @@ def simulate(
         problems.append(
             f"unknown --policy {', '.join(unknown)}; known: {', '.join(POLICIES)}"
         )
+    if plot is not None:
+        problems += plot_path_problems(plot)
     if problems:
         raise ConfigError("simulate options", problems)
     if plot is not None:
@@ -224,6 +227,7 @@ def simulate(
     rows = summarize(run)
     if plot is not None:
         write_plot(plot, run, rows)
+        click.echo(f"plot written to {plot}", err=True)
     if as_json:
         doc = to_document(run, rows)
         doc["elapsed_s"] = round(elapsed_s, 3)

@@ -158,7 +158,8 @@ def simulate_job(
     """Steps one job over its trace under ``policy`` until it finishes.
 
     ``per_tick`` asks the policy at every tick instead of skipping the steady
-    stretches (same results, slower).
+    stretches (same results, slower). ``spec`` must be valid (no
+    ``FleetSpec.problems()``): its bounds are what keep the run finite.
     """
     out = JobOutcome(
         job=plan.index, trace=trace.name, host=plan.host, start_s=plan.start_s
@@ -185,7 +186,11 @@ def simulate_job(
     deadline = start + spec.window_s
     work = spec.job_hours * HOUR_S
     # After the deadline every policy commits to on-demand; this bounds the
-    # run even for a policy that would not.
+    # run even for a policy that would not. Every pass of the loop below
+    # advances at least one tick, so it runs at most (limit - start) / gap
+    # times: FleetSpec.problems() caps the deadline, the work and the
+    # changeover (MAX_DEADLINE_HOURS, MAX_JOB_HOURS, MAX_RESTART_MINUTES)
+    # and a trace ticks at least once a second (traces.MIN_GAP_S).
     limit = deadline + work + 4.0 * (restart + gap)
 
     tick = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,17 @@ from gpufleet.sim.engine import HOUR_S, FleetRun
 
 @dataclass(frozen=True, slots=True)
 class PolicySummary:
-    """Fleet totals for one policy. Money in USD, time in GPU-hours."""
+    """Fleet totals for one policy. Money in USD, time in GPU-hours.
+
+    ``all_on_demand_cost_usd`` is the baseline: the policy's own jobs each
+    run once on on-demand. ``spot_hours`` and ``on_demand_hours`` are the
+    hours this policy itself paid for on each kind of instance.
+    """
 
     policy: str
     jobs: int
     cost_usd: float
-    on_demand_cost_usd: float
+    all_on_demand_cost_usd: float
     cost_vs_on_demand_pct: float
     deadline_misses: int
     preemptions: int
@@ -37,7 +44,9 @@ def summarize(run: FleetRun) -> list[PolicySummary]:
 
     The on-demand reference is every job the policy ran, run once on
     on-demand: its work plus one start-up changeover, at the on-demand price.
-    In fleet mode the policies may run different numbers of jobs.
+    In fleet mode the policies may run different numbers of jobs. A valid
+    spec has a positive on-demand price and at least one job per policy, so
+    the reference is never 0.
     """
     spec = run.spec
     gang = spec.gang
@@ -54,10 +63,8 @@ def summarize(run: FleetRun) -> list[PolicySummary]:
                 policy=name,
                 jobs=len(outs),
                 cost_usd=round(cost, 2),
-                on_demand_cost_usd=round(reference, 2),
-                cost_vs_on_demand_pct=round(100.0 * cost / reference, 2)
-                if reference
-                else 0.0,
+                all_on_demand_cost_usd=round(reference, 2),
+                cost_vs_on_demand_pct=round(100.0 * cost / reference, 2),
                 deadline_misses=sum(o.missed for o in outs),
                 preemptions=sum(o.preemptions for o in outs),
                 migrations=sum(o.migrations for o in outs),
@@ -74,16 +81,36 @@ def summarize(run: FleetRun) -> list[PolicySummary]:
 
 
 def to_document(run: FleetRun, rows: list[PolicySummary]) -> dict[str, Any]:
-    """The run as one JSON-ready document with stable snake_case keys."""
+    """The run as one JSON-ready document with stable snake_case keys.
+
+    Every number is finite, so the document is strict JSON (no ``NaN`` or
+    ``Infinity``): the bounds of ``FleetSpec.problems()`` keep it so.
+
+    Raises:
+        ValueError: a number is not finite, which those bounds rule out.
+    """
     spec = asdict(run.spec)
     spec["deadline_window_hours"] = run.spec.window_s / HOUR_S
-    return {
+    document = {
         "mode": "staggered" if run.spec.staggered else "fleet",
         "spec": spec,
         "traces": run.traces,
         "activity_modelled": run.activity_modelled,
         "policies": [asdict(r) for r in rows],
     }
+    _check_finite(document, "document")
+    return document
+
+
+def _check_finite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"simulation result {where} is {value}, not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 def render_table(console: Console, run: FleetRun, rows: list[PolicySummary]) -> None:
@@ -129,6 +156,31 @@ def check_plotting() -> None:
         )
 
 
+def plot_path_problems(path: Path) -> list[str]:
+    """Why ``--plot PATH`` could not be written, checked before the run.
+
+    The folder must exist and be writable, and the path must be a new or
+    writable regular file; a write that still fails after the run is
+    reported then.
+    """
+    folder = path.parent
+    if path.is_dir():
+        return [f"--plot {path} is a folder; give a file such as {path / 'sim.png'}"]
+    if not folder.is_dir():
+        return [
+            f"--plot {path}: the folder {folder} does not exist; create it or "
+            "give a path in an existing folder"
+        ]
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return [f"--plot {path}: the folder {folder} is not writable"]
+    if path.exists() and not path.is_file():
+        # Writing to a named pipe would block until something reads it.
+        return [f"--plot {path} exists and is not a regular file"]
+    if path.exists() and not os.access(path, os.W_OK):
+        return [f"--plot {path}: the file exists and is not writable"]
+    return []
+
+
 def write_plot(path: Path, run: FleetRun, rows: list[PolicySummary]) -> None:
     """Writes a PNG: cost vs on-demand and deadline misses per policy.
 
@@ -141,14 +193,20 @@ def write_plot(path: Path, run: FleetRun, rows: list[PolicySummary]) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = [r.policy for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.bar(names, [r.cost_vs_on_demand_pct for r in rows], color="#4c72b0")
     left.axhline(100.0, color="grey", linewidth=0.8, linestyle="--")
     left.set_ylabel("cost per job, % of on-demand")
-    right.bar(names, [r.deadline_misses for r in rows], color="#c44e52")
+    misses = [r.deadline_misses for r in rows]
+    right.bar(names, misses, color="#c44e52")
     right.set_ylabel("deadline misses (jobs)")
+    # Whole jobs only; with no misses at all the axis would otherwise
+    # span -0.05 to 0.05.
+    right.set_ylim(0, max(1, *misses) * 1.05)
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
     for axis in (left, right):
         axis.tick_params(axis="x", labelrotation=20)
     spec = run.spec

@@ -25,6 +25,26 @@ DEFAULT_DAYS = 30.0
 # Bounds of a simulation: a year of 10,000 hosts already takes minutes.
 MAX_DAYS = 3650.0
 MAX_HOSTS = 10_000
+# Each staggered job is stepped on its own, like a host slot.
+MAX_JOBS = MAX_HOSTS
+# One job is stepped until its deadline plus its work at most (then every
+# policy is on on-demand), one trace tick per pass at worst: these two keep
+# that under 545 days of ticks, 1.5 million on the shipped 32-second traces
+# and 47 million on a 1-second one. Jobs of a few months fit.
+MAX_JOB_HOURS = 4320.0  # 180 days
+MAX_DEADLINE_HOURS = 8760.0  # 365 days, from --deadline-hours or --slack
+MAX_SLACK = 100.0
+# A mean pause of a year already leaves most slots with one job.
+MAX_JOB_GAP_HOURS = 8760.0
+# A changeover is a (re)start on another host: minutes, not days.
+MAX_RESTART_MINUTES = 1440.0
+# Checkpointing less often than once per longest job is never checkpointing.
+MAX_CHECKPOINT_MINUTES = MAX_JOB_HOURS * 60.0
+# The dearest cloud GPU instances list at about 100 USD/h; prices, counts and
+# steps stay far from float overflow with these.
+MAX_PRICE = 10_000.0
+MAX_STEPS_PER_HOUR = 1e6
+MAX_GANG = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +87,11 @@ class FleetSpec:
         return self.job_hours * slack * HOUR_S
 
     def problems(self) -> list[str]:
-        """Every invalid field, each naming its option."""
+        """Every invalid field, each naming its option.
+
+        The upper bounds keep a run bounded in time and every total it
+        reports finite (see the ``MAX_*`` constants).
+        """
         found: list[str] = []
         for option, value in (
             ("--days", self.days),
@@ -86,33 +110,69 @@ class FleetSpec:
                 found.append(f"{option} must be a finite number, got {value}")
         if found:
             return found
-        if self.days > MAX_DAYS:
-            found.append(f"--days must be at most {MAX_DAYS}, got {self.days}")
-        if self.jobs is None and self.hosts > MAX_HOSTS:
-            found.append(f"--hosts must be at most {MAX_HOSTS}, got {self.hosts}")
-        if self.max_spot_price is not None and self.max_spot_price < 0:
-            found.append(f"--max-price must be >= 0 USD/h, got {self.max_spot_price}")
-        if self.job_hours > 0 and self.window_s < (
-            self.job_hours * HOUR_S + self.restart_minutes * 60
-        ):
+        found += self._count_problems()
+        found += self._duration_problems()
+        found += self._price_problems()
+        if not 0 <= self.steps_per_hour <= MAX_STEPS_PER_HOUR:
             found.append(
-                f"the deadline ({self.window_s / HOUR_S:g} h after the start) "
-                f"leaves less than one start ({self.restart_minutes:g} min) beyond "
-                f"the {self.job_hours:g} h of work: every policy, on-demand too, "
-                "would miss it; give a longer --deadline-hours or --slack"
+                f"--steps-per-hour must be from 0 to {MAX_STEPS_PER_HOUR:g}, "
+                f"got {self.steps_per_hour:g}"
             )
-        if self.jobs is not None and self.jobs < 1:
-            found.append(f"--jobs must be at least 1, got {self.jobs}")
+        return found
+
+    def _count_problems(self) -> list[str]:
+        found = []
+        if self.jobs is not None and not 1 <= self.jobs <= MAX_JOBS:
+            found.append(f"--jobs must be from 1 to {MAX_JOBS}, got {self.jobs}")
         if self.jobs is None and self.hosts < 1:
             found.append(f"--hosts must be at least 1, got {self.hosts}")
-        if not self.days > 0:
-            found.append(f"--days must be positive, got {self.days}")
-        if not self.job_gap_hours >= 0:
-            found.append(f"--job-gap-hours must be >= 0, got {self.job_gap_hours}")
-        if not self.job_hours > 0:
-            found.append(f"--job-hours must be positive, got {self.job_hours}")
+        if self.jobs is None and self.hosts > MAX_HOSTS:
+            found.append(f"--hosts must be at most {MAX_HOSTS}, got {self.hosts}")
+        if not 1 <= self.gang <= MAX_GANG:
+            found.append(f"--gang must be from 1 to {MAX_GANG}, got {self.gang}")
+        return found
+
+    def _duration_problems(self) -> list[str]:
+        found = []
+        for option, value, low, high, unit in (
+            ("--days", self.days, 0.0, MAX_DAYS, " (10 years)"),
+            ("--job-hours", self.job_hours, 0.0, MAX_JOB_HOURS, " (180 days)"),
+        ):
+            if not value > low:
+                found.append(f"{option} must be positive, got {value:g}")
+            elif value > high:
+                found.append(f"{option} must be at most {high:g}{unit}, got {value:g}")
+        for option, value, high, unit in (
+            ("--job-gap-hours", self.job_gap_hours, MAX_JOB_GAP_HOURS, "365 days"),
+            ("--restart-minutes", self.restart_minutes, MAX_RESTART_MINUTES, "a day"),
+            (
+                "--checkpoint-minutes",
+                self.checkpoint_minutes,
+                MAX_CHECKPOINT_MINUTES,
+                "180 days, the longest job",
+            ),
+        ):
+            if not 0 <= value <= high:
+                found.append(
+                    f"{option} must be from 0 to {high:g} ({unit}), got {value:g}"
+                )
+        return found + self._deadline_problems()
+
+    def _deadline_problems(self) -> list[str]:
+        found = []
         if self.deadline_hours is not None and self.slack is not None:
             found.append("give --deadline-hours or --slack, not both")
+        if self.slack is not None and not 1.0 <= self.slack <= MAX_SLACK:
+            found.append(
+                f"--slack must be from 1.0 to {MAX_SLACK:g}, got {self.slack:g}"
+            )
+        if self.deadline_hours is not None and self.deadline_hours > (
+            MAX_DEADLINE_HOURS
+        ):
+            found.append(
+                f"--deadline-hours must be at most {MAX_DEADLINE_HOURS:g} "
+                f"(365 days), got {self.deadline_hours:g}"
+            )
         if self.deadline_hours is not None and not (
             self.deadline_hours >= self.job_hours
         ):
@@ -121,24 +181,48 @@ class FleetSpec:
                 f"no policy can finish {self.job_hours} h of work in "
                 f"{self.deadline_hours} h, got {self.deadline_hours}"
             )
-        if self.slack is not None and not self.slack >= 1.0:
-            found.append(f"--slack must be at least 1.0, got {self.slack}")
-        if self.restart_minutes < 0:
-            found.append(f"--restart-minutes must be >= 0, got {self.restart_minutes}")
-        if self.checkpoint_minutes < 0:
-            found.append(
-                f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}"
-            )
-        for name, price in (
-            ("--on-demand-price", self.on_demand_price),
-            ("--spot-price", self.spot_price),
+        window_h = self.window_s / HOUR_S
+        if (
+            self.deadline_hours is None
+            and self.job_hours <= MAX_JOB_HOURS
+            and (self.slack is None or self.slack <= MAX_SLACK)
+            and window_h > MAX_DEADLINE_HOURS
         ):
-            if not price >= 0:
-                found.append(f"{name} must be >= 0 USD/h, got {price}")
-        if self.gang < 1:
-            found.append(f"--gang must be at least 1, got {self.gang}")
-        if not self.steps_per_hour >= 0:
-            found.append(f"--steps-per-hour must be >= 0, got {self.steps_per_hour}")
+            found.append(
+                f"the deadline, --job-hours x --slack ({self.job_hours:g} x "
+                f"{self.slack if self.slack is not None else DEFAULT_SLACK:g} = "
+                f"{window_h:g} h), must be at most {MAX_DEADLINE_HOURS:g} h "
+                "(365 days); give a smaller --slack or --deadline-hours"
+            )
+        if (
+            0 < self.job_hours <= MAX_JOB_HOURS
+            and self.restart_minutes <= MAX_RESTART_MINUTES
+            and self.window_s < self.job_hours * HOUR_S + self.restart_minutes * 60
+        ):
+            found.append(
+                f"the deadline ({window_h:g} h after the start) "
+                f"leaves less than one start ({self.restart_minutes:g} min) beyond "
+                f"the {self.job_hours:g} h of work: every policy, on-demand too, "
+                "would miss it; give a longer --deadline-hours or --slack"
+            )
+        return found
+
+    def _price_problems(self) -> list[str]:
+        found = []
+        if not 0 < self.on_demand_price <= MAX_PRICE:
+            found.append(
+                f"--on-demand-price must be above 0 and at most {MAX_PRICE:g} "
+                f"USD/h, got {self.on_demand_price:g}: it is the baseline every "
+                "policy's cost is compared with"
+            )
+        for option, price in (
+            ("--spot-price", self.spot_price),
+            ("--max-price", self.max_spot_price),
+        ):
+            if price is not None and not 0 <= price <= MAX_PRICE:
+                found.append(
+                    f"{option} must be from 0 to {MAX_PRICE:g} USD/h, got {price:g}"
+                )
         return found
 
     def describe(self) -> str:

@@ -9,14 +9,19 @@ and turned into plain lists the engine can index quickly.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import re
+import reprlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpufleet.errors import ConfigError
+from gpufleet.sim.spec import MAX_PRICE
 
 # Notice windows: AWS announces a spot interruption 2 minutes ahead
 # (EC2 "Spot Instance interruption notices"); GCP gives about 30 s
@@ -85,6 +90,15 @@ def _nodes_of(path: Path, values: list[int]) -> int:
     return 1 if all(v in (0, 1) for v in values) else max(values)
 
 
+def _is_price(p: Any) -> bool:
+    return (
+        isinstance(p, int | float)
+        and not isinstance(p, bool)
+        and math.isfinite(p)
+        and 0 <= p <= MAX_PRICE
+    )
+
+
 def _check_doc(doc: Any) -> tuple[list[str], float, list[Any], Any]:
     problems: list[str] = []
     if not isinstance(doc, dict):
@@ -103,7 +117,7 @@ def _check_doc(doc: Any) -> tuple[list[str], float, list[Any], Any]:
     ):
         problems.append(
             f"metadata.gap_seconds must be a number of seconds from {MIN_GAP_S:g} "
-            f"to {MAX_GAP_S:g}, got {gap!r}"
+            f"to {MAX_GAP_S:g}, got {reprlib.repr(gap)}"
         )
         gap = 0
     data = doc.get("data")
@@ -121,7 +135,7 @@ def _check_doc(doc: Any) -> tuple[list[str], float, list[Any], Any]:
         if bad:
             problems.append(
                 f"'data' must hold non-negative integers; index {bad[0]} is "
-                f"{data[bad[0]]!r} ({len(bad)} bad values)"
+                f"{reprlib.repr(data[bad[0]])} ({len(bad)} bad values)"
             )
     prices = doc.get("prices")
     if prices is not None:
@@ -129,14 +143,14 @@ def _check_doc(doc: Any) -> tuple[list[str], float, list[Any], Any]:
             problems.append(
                 f"'prices' must be a list as long as 'data' ({len(data)} values)"
             )
-        elif not all(
-            isinstance(p, int | float)
-            and not isinstance(p, bool)
-            and math.isfinite(p)
-            and p >= 0
-            for p in prices
-        ):
-            problems.append("'prices' must hold non-negative numbers (USD per hour)")
+        else:
+            bad = [i for i, p in enumerate(prices) if not _is_price(p)]
+            if bad:
+                problems.append(
+                    f"'prices' must hold numbers from 0 to {MAX_PRICE:g} (USD per "
+                    f"hour); index {bad[0]} is {reprlib.repr(prices[bad[0]])} "
+                    f"({len(bad)} bad values)"
+                )
     return problems, float(gap), data, prices
 
 
@@ -152,13 +166,18 @@ def load_trace(path: Path, root: Path | None = None) -> SpotTrace:
         '{"metadata": {"gap_seconds": 600}, "data": [0, 1, ...]}; '
         "fix or remove the file, or pass another --traces folder"
     )
+    raw = read_regular_file(path, f"spot trace {path}", hint)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
+        doc = json.loads(raw.decode("utf-8"))
+    except RecursionError:
         raise ConfigError(
-            f"spot trace {path}", [f"cannot read it: {exc}"], hint=hint
-        ) from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            f"spot trace {path}",
+            ["not a trace: its JSON is nested too deeply to read"],
+            hint=hint,
+        ) from None
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError, and integers over Python's
+        # 4300-digit conversion limit are all ValueErrors.
         raise ConfigError(
             f"spot trace {path}", [f"not valid JSON: {exc}"], hint=hint
         ) from None
@@ -175,6 +194,53 @@ def load_trace(path: Path, root: Path | None = None) -> SpotTrace:
         prices=[float(p) for p in prices] if prices is not None else None,
         notice_window_s=notice,
     )
+
+
+def read_regular_file(path: Path, source: str, hint: str | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file.
+
+    Opened without blocking and checked on the open file, so that a named
+    pipe or a device is refused instead of read (a pipe would block until
+    something writes to it, a device might never end).
+
+    Raises:
+        ConfigError: the file cannot be read or is not a regular file; the
+            error is about ``source``.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read it: {exc}"], hint=hint) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                source,
+                [
+                    f"it is {_kind_of(mode)}, not a regular file; only "
+                    "regular files are read"
+                ],
+                hint=hint,
+            )
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read it: {exc}"], hint=hint) from exc
+    finally:
+        os.close(fd)
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
 
 
 def load_traces(folder: Path) -> list[SpotTrace]:
@@ -240,36 +306,55 @@ def load_activity(path: Path) -> ActivityShapes:
     """Reads a ``timestamp_anon,container_ip,gpu_util_pct`` CSV.
 
     Raises:
-        ConfigError: the file cannot be read, lacks a column, or holds a
-            value that is not a number.
+        ConfigError: the file cannot be read, is not UTF-8 CSV, lacks a
+            column, or holds a value that is not a finite number; the
+            message names the file and the line.
     """
-    rows: dict[str, list[tuple[float, float]]] = {}
+    source = f"activity file {path}"
+    hint = "pass a UTF-8 CSV with columns timestamp_anon,container_ip,gpu_util_pct"
+    raw = read_regular_file(path, source, hint)
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            need = {"timestamp_anon", "container_ip", "gpu_util_pct"}
-            missing = need - set(reader.fieldnames or [])
-            if missing:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            source, [f"line {line_no}: not UTF-8 text ({exc.reason})"], hint=hint
+        ) from None
+    rows: dict[str, list[tuple[float, float]]] = {}
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        missing = {"timestamp_anon", "container_ip", "gpu_util_pct"} - set(
+            reader.fieldnames or []
+        )
+        if missing:
+            raise ConfigError(
+                source, [f"missing column(s): {', '.join(sorted(missing))}"], hint=hint
+            )
+        for row in reader:
+            try:
+                ts = float(row["timestamp_anon"])
+                util = float(row["gpu_util_pct"])
+            except (TypeError, ValueError):
+                ts = util = math.nan
+            if not (math.isfinite(ts) and math.isfinite(util)):
                 raise ConfigError(
-                    f"activity file {path}",
-                    [f"missing column(s): {', '.join(sorted(missing))}"],
-                    hint="pass a CSV with columns timestamp_anon,container_ip,"
-                    "gpu_util_pct",
+                    source,
+                    [
+                        f"line {reader.line_num}: timestamp or utilization is not "
+                        "a finite number"
+                    ],
+                    hint=hint,
                 )
-            for line_no, row in enumerate(reader, start=2):
-                try:
-                    ts = float(row["timestamp_anon"])
-                    util = float(row["gpu_util_pct"])
-                except (TypeError, ValueError):
-                    raise ConfigError(
-                        f"activity file {path}",
-                        [f"line {line_no}: timestamp or utilization is not a number"],
-                    ) from None
-                rows.setdefault(row["container_ip"], []).append((ts, util))
-    except OSError as exc:
-        raise ConfigError(f"activity file {path}", [f"cannot read it: {exc}"]) from exc
+            rows.setdefault(row["container_ip"], []).append((ts, util))
+    except csv.Error as exc:
+        # DictReader updates its own line_num only after a whole row.
+        raise ConfigError(
+            source,
+            [f"line {reader.reader.line_num}: not valid CSV: {exc}"],
+            hint=hint,
+        ) from None
     if not rows:
-        raise ConfigError(f"activity file {path}", ["it holds no rows"])
+        raise ConfigError(source, ["it holds no rows"], hint=hint)
     shapes = [
         [util <= 0.0 for _, util in sorted(series)]
         for _, series in sorted(rows.items())

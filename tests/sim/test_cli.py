@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from gpufleet.cli.main import main
 from gpufleet.cli.simulate import COMMANDS, simulate
 from gpufleet.errors import ConfigError
 from tests.sim.helpers import write_trace
@@ -171,3 +172,97 @@ def test_per_tick_gives_the_same_table(traces: Path) -> None:
     fast = json.loads(invoke(*args).stdout)
     slow = json.loads(invoke(*args, "--per-tick").stdout)
     assert fast["policies"] == slow["policies"]
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{name} in the JSON output")
+
+
+def test_json_names_the_baseline_all_on_demand(traces: Path) -> None:
+    """The all-on-demand baseline is all_on_demand_cost_usd, apart from the
+    policy's own on_demand_hours, and the document is strict JSON."""
+    result = invoke("--traces", str(traces), "--jobs", "2", "--days", "4", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout, parse_constant=_no_constants)
+    for row in doc["policies"]:
+        assert "on_demand_cost_usd" not in row
+        assert row["all_on_demand_cost_usd"] > 0
+        assert "on_demand_hours" in row
+    rows = {r["policy"]: r for r in doc["policies"]}
+    od = rows["on-demand"]
+    assert od["all_on_demand_cost_usd"] == pytest.approx(od["cost_usd"])
+
+
+def test_zero_on_demand_price_is_refused(traces: Path) -> None:
+    """The on-demand price is the baseline of every ratio: 0 is refused."""
+    result = invoke("--traces", str(traces), "--jobs", "1", "--on-demand-price", "0")
+    assert isinstance(result.exception, ConfigError)
+    assert any("--on-demand-price" in p for p in result.exception.problems)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--job-hours", "1e308"),
+        ("--deadline-hours", "1e308"),
+        ("--slack", "1e308"),
+        ("--job-gap-hours", "1e308"),
+        ("--steps-per-hour", "1e308"),
+        ("--job-hours", "1e9"),
+        ("--on-demand-price", "0"),
+    ],
+)
+def test_out_of_bound_options_exit_2_without_traceback(
+    traces: Path, option: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tester's crashes and hangs are now usage errors naming the option."""
+    code = main(
+        ["simulate", "--traces", str(traces), "--hosts", "2", "--days", "2", *option]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    assert f"  - {option[0]} must be" in err
+
+
+def test_jobs_are_capped(traces: Path) -> None:
+    """--jobs is capped like --hosts."""
+    result = invoke("--traces", str(traces), "--jobs", "100000000")
+    assert isinstance(result.exception, ConfigError)
+    assert "--jobs must be from 1 to 10000" in str(result.exception)
+
+
+@pytest.mark.parametrize("where", ["missing", "folder"])
+def test_unwritable_plot_path_is_refused_before_the_run(
+    traces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A --plot path in a missing folder, or a folder, fails before simulating."""
+
+    def no_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("simulated before checking --plot")
+
+    monkeypatch.setattr("gpufleet.cli.simulate.simulate_fleet", no_run)
+    plot = tmp_path / "none" / "x.png" if where == "missing" else tmp_path
+    result = invoke("--traces", str(traces), "--jobs", "1", "--plot", str(plot))
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert any(p.startswith(f"--plot {plot}") for p in result.exception.problems)
+
+
+def test_plot_says_where_it_was_written(traces: Path, tmp_path: Path) -> None:
+    """After writing the PNG, stderr names its path; stdout stays the result."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plot.png"
+    result = invoke(
+        "--traces",
+        str(traces),
+        "--jobs",
+        "2",
+        "--days",
+        "4",
+        "--plot",
+        str(out),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert f"plot written to {out}" in result.stderr
+    json.loads(result.stdout)

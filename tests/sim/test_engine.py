@@ -182,7 +182,7 @@ def test_bad_spec_reports_every_problem(tmp_path: Path) -> None:
         ({"restart_minutes": math.nan}, "--restart-minutes must be a finite"),
         ({"steps_per_hour": math.inf}, "--steps-per-hour must be a finite"),
         ({"on_demand_price": math.inf}, "--on-demand-price must be a finite"),
-        ({"max_spot_price": -1.0}, "--max-price must be >= 0"),
+        ({"max_spot_price": -1.0}, "--max-price must be from 0 to 10000"),
         ({"hosts": 100_000}, "--hosts must be at most 10000"),
         ({"days": 5000.0}, "--days must be at most 3650"),
         ({"job_hours": 1.0, "deadline_hours": 1.1}, "leaves less than one start"),

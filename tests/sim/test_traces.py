@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,107 @@ def test_activity_missing_column(tmp_path: Path) -> None:
     csv.write_text("timestamp_anon,container_ip\n0,a\n")
     with pytest.raises(ConfigError, match="gpu_util_pct"):
         load_activity(csv)
+
+
+def test_deeply_nested_trace_is_an_invalid_trace(tmp_path: Path) -> None:
+    """JSON nested past Python's recursion limit is reported as an invalid
+    trace naming the file, not a RecursionError."""
+    path = tmp_path / "deep.json"
+    path.write_text(
+        '{"metadata":{"gap_seconds":32},"data":' + "[" * 100_000 + "]" * 100_000 + "}"
+    )
+    with pytest.raises(ConfigError, match=r"deep\.json") as info:
+        load_trace(path)
+    assert any("nested too deeply" in p for p in info.value.problems)
+
+
+def test_nested_values_are_shown_shortened(tmp_path: Path) -> None:
+    """A bad value nested just within the limit is named without a huge repr."""
+    path = tmp_path / "nested.json"
+    path.write_text(
+        '{"metadata":{"gap_seconds":32},"data":[' + "[" * 900 + "]" * 900 + "]}"
+    )
+    with pytest.raises(ConfigError, match=r"nested\.json") as info:
+        load_trace(path)
+    assert any("index 0 is [[[" in p and len(p) < 200 for p in info.value.problems)
+
+
+def test_integer_past_the_conversion_limit_is_invalid_json(tmp_path: Path) -> None:
+    """An integer of 5000 digits is invalid JSON for a trace, not a crash."""
+    path = tmp_path / "big.json"
+    path.write_text('{"metadata":{"gap_seconds":32},"data":[' + "9" * 5000 + "]}")
+    with pytest.raises(ConfigError, match=r"big\.json") as info:
+        load_trace(path)
+    assert any("not valid JSON" in p for p in info.value.problems)
+
+
+def test_absurd_trace_prices_are_refused(tmp_path: Path) -> None:
+    """Trace prices above 10000 USD/h are refused like negative ones."""
+    path = write_trace(tmp_path / "p.json", [0, 0, 0], prices=[1.0, 2.0, 1e6])
+    with pytest.raises(ConfigError, match=r"p\.json") as info:
+        load_trace(path)
+    assert any("from 0 to 10000" in p and "index 2" in p for p in info.value.problems)
+    assert load_trace(write_trace(tmp_path / "ok.json", [0], prices=[10000])).prices
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+
+
+@needs_fifo
+@pytest.mark.timeout(10)
+def test_named_pipe_in_the_trace_folder_is_refused(tmp_path: Path) -> None:
+    """A FIFO called *.json is refused, naming it, instead of blocking."""
+    write_trace(tmp_path / "a.json", [0, 1])
+    os.mkfifo(tmp_path / "t.json")
+    with pytest.raises(ConfigError, match=r"t\.json") as info:
+        load_traces(tmp_path)
+    assert any("named pipe" in p for p in info.value.problems)
+
+
+def test_folder_named_like_a_trace_is_refused(tmp_path: Path) -> None:
+    """A folder called *.json is not read as a trace."""
+    write_trace(tmp_path / "a.json", [0, 1])
+    (tmp_path / "odd.json").mkdir()
+    with pytest.raises(ConfigError, match=r"odd\.json") as info:
+        load_traces(tmp_path)
+    assert any("a folder, not a regular file" in p for p in info.value.problems)
+
+
+def _activity(tmp_path: Path, body: bytes) -> Path:
+    path = tmp_path / "act.csv"
+    path.write_bytes(b"timestamp_anon,container_ip,gpu_util_pct\n0,a,1\n" + body)
+    return path
+
+
+def test_activity_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    """A byte that is not UTF-8 is a ConfigError with the file and line."""
+    path = _activity(tmp_path, b"1,x,\xff\n")
+    with pytest.raises(ConfigError, match=r"act\.csv") as info:
+        load_activity(path)
+    assert info.value.problems[0].startswith("line 3: not UTF-8")
+
+
+def test_activity_huge_field_names_file_and_line(tmp_path: Path) -> None:
+    """A field past the csv module's limit is a ConfigError with the line."""
+    path = _activity(tmp_path, b"1,x," + b"9" * 200_000 + b"\n")
+    with pytest.raises(ConfigError, match=r"act\.csv") as info:
+        load_activity(path)
+    assert info.value.problems[0].startswith("line 3: not valid CSV: field larger")
+
+
+@pytest.mark.parametrize("value", [b"inf", b"nan", b"x"])
+def test_activity_value_not_a_finite_number(tmp_path: Path, value: bytes) -> None:
+    """Utilizations that are not finite numbers are refused with the line."""
+    path = _activity(tmp_path, b"60,a,0\n120,a," + value + b"\n")
+    with pytest.raises(ConfigError, match="line 4: timestamp or utilization"):
+        load_activity(path)
+
+
+@needs_fifo
+@pytest.mark.timeout(10)
+def test_activity_named_pipe_is_refused(tmp_path: Path) -> None:
+    """An activity FIFO is refused instead of blocking."""
+    path = tmp_path / "act.csv"
+    os.mkfifo(path)
+    with pytest.raises(ConfigError, match="named pipe"):
+        load_activity(path)
