@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from gpufleet.broker.market import MarketCatalog
@@ -12,6 +13,10 @@ from gpufleet.proto import pb
 DEFAULT_LIMIT = 50
 # --refresh calls the clouds; callers asking in a loop get the last answer.
 MIN_REFRESH_GAP_S = 10.0
+# How long ListOffers waits for a refresh before it answers with the prices
+# it has: the CLI gives up after 10 s by default, and one slow region may
+# take FETCH_TIMEOUT_S (market.py) to fail.
+REFRESH_WAIT_S = 5.0
 
 _NOT_CONFIGURED_HINT = (
     "add a 'market:' section with 'enabled: true' to the broker configuration "
@@ -42,13 +47,7 @@ async def list_offers(
         )
     warnings: list[str] = []
     if request.refresh:
-        if catalog.seconds_since_attempt() >= MIN_REFRESH_GAP_S:
-            warnings.extend(await catalog.refresh())
-        else:
-            warnings.append(
-                f"not refreshed again: the last refresh began less than "
-                f"{MIN_REFRESH_GAP_S:.0f} s ago"
-            )
+        warnings.extend(await _refresh(catalog))
     found = catalog.offers(
         provider=request.provider,
         region=request.region,
@@ -71,3 +70,27 @@ async def list_offers(
         warnings=warnings,
         total=len(ranked),
     )
+
+
+async def _refresh(catalog: MarketCatalog) -> list[str]:
+    """Refreshes the catalog, waiting at most REFRESH_WAIT_S; the warnings.
+
+    A refresh that takes longer goes on in the background (the caller gets
+    the prices from before it), so the answer always comes in time.
+    """
+    if not catalog.refreshing and catalog.seconds_since_attempt() < MIN_REFRESH_GAP_S:
+        return [
+            f"not refreshed again: the last refresh began less than "
+            f"{MIN_REFRESH_GAP_S:.0f} s ago"
+        ]
+    task = catalog.refresh_soon()
+    try:
+        async with asyncio.timeout(REFRESH_WAIT_S):
+            return await asyncio.shield(task)
+    except TimeoutError:
+        return [
+            f"the refresh did not finish within {REFRESH_WAIT_S:g} s and goes "
+            "on in the broker: these are the prices from before it; run "
+            "'gpufleet prices' again in a minute (a cloud that does not answer "
+            "is named in the broker's log, market.source_failed)"
+        ]

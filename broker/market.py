@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -92,7 +93,11 @@ class MarketCatalog:
         self._as_of_s: dict[str, float] = {}
         self.refreshed_at_s = 0.0
         self._refresh_warnings: list[str] = []
+        # Configured names that match no table row, found at load.
+        self._config_warnings: list[str] = []
         self._lock = asyncio.Lock()
+        # A refresh asked for by ``refresh_soon``; the catalog owns it.
+        self._refresh_task: asyncio.Task[list[str]] | None = None
         self._attempted_s = -math.inf  # the last refresh attempt
         self._stale_logged_s = -math.inf
         if metrics is not None:
@@ -125,6 +130,9 @@ class MarketCatalog:
             "gcp-table": prices.as_of_s,
         }
         self._static = [*self._aws_ondemand(ondemand), *self._gcp(prices)]
+        self._config_warnings = self._unmatched(prices)
+        for line in self._config_warnings:
+            log.warning("market.config_unmatched", detail=line)
         if not self.cfg.aws.regions:
             # Tables only: nothing live can go stale, the catalog is current.
             self.refreshed_at_s = self._clock()
@@ -176,6 +184,53 @@ class MarketCatalog:
                           *common, 0.0, source, table.as_of_s)
                 )  # fmt: skip
         return offers
+
+    def _unmatched(self, gcp_table: Table) -> list[str]:
+        """A warning for each configured name that matches no table row.
+
+        Such a name drops offers without a word otherwise: a region typo in
+        ``market.gcp.regions`` leaves GCP with no offer at all.
+        """
+        aws, gcp = self.cfg.aws, self.cfg.gcp
+        table = Path(gcp_table.path).name
+        regions = {r["region"] for _, r in gcp_table.rows}
+        types = {r["machine_type"] for _, r in gcp_table.rows}
+        out: list[str] = []
+        for name, values, known in (
+            ("regions", gcp.regions, regions),
+            ("machine_types", gcp.machine_types, types),
+        ):
+            out += [
+                f"market.gcp.{name}: {value!r} matches no row of {table}"
+                f"{_did_you_mean(value, known)}; it adds no offer"
+                for value in values
+                if value not in known
+            ]
+        offered = {o.region for o in self._static if o.provider == "gcp"}
+        if regions and not offered and not out:
+            out.append(
+                f"market.gcp: no row of {table} has both a region of "
+                "market.gcp.regions and a type of market.gcp.machine_types; "
+                "GCP has no offer"
+            )
+        for zone in gcp.zones:
+            region = zone.rsplit("-", 1)[0]
+            if region in offered:
+                continue
+            why = (
+                f"no row of {table} is in {region}"
+                if region not in regions
+                else f"market.gcp leaves {region} out"
+            )
+            out.append(f"market.gcp.zones: {zone!r}: {why}; it adds no offer")
+        for itype in aws.instance_types:
+            if itype not in self._types:
+                out.append(
+                    f"market.aws.instance_types: {itype!r} is not in "
+                    f"{AWS_TYPES.name}{_did_you_mean(itype, set(self._types))}; "
+                    "its GPUs are unknown, so no job is placed on its offers"
+                )
+        return out
 
     # ------------------------------------------------------------ refresh
 
@@ -250,17 +305,40 @@ class MarketCatalog:
                      quote.usd_per_hour, gpus, accelerator, label, risk,
                      "aws-api", now_s)  # fmt: skip
 
+    def refresh_soon(self) -> asyncio.Task[list[str]]:
+        """The refresh under way, or a new one, as a task the catalog owns.
+
+        A caller with a deadline waits for it with ``asyncio.shield``: when
+        the wait ends first, the refresh goes on and its prices arrive later.
+        ``run`` cancels it when it stops.
+        """
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.create_task(
+                self.refresh(), name="market-refresh"
+            )
+            self._refresh_task.add_done_callback(_log_failure)
+        return self._refresh_task
+
+    @property
+    def refreshing(self) -> bool:
+        """Whether a refresh started by ``refresh_soon`` is under way."""
+        return self._refresh_task is not None and not self._refresh_task.done()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Refreshes every ``refresh_interval_s`` until ``stop`` is set; a
         refresh made just before (the broker's first) counts as the first."""
         interval = self.cfg.refresh_interval_s
-        while not stop.is_set():
-            if self._clock() - self._attempted_s >= interval / 2:
-                await self.refresh()
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                continue
+        try:
+            while not stop.is_set():
+                if self._clock() - self._attempted_s >= interval / 2:
+                    await self.refresh_soon()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=interval)
+                except TimeoutError:
+                    continue
+        finally:
+            if self._refresh_task is not None:
+                self._refresh_task.cancel()
 
     # ------------------------------------------------------------ queries
 
@@ -281,8 +359,9 @@ class MarketCatalog:
 
     @property
     def warnings(self) -> list[str]:
-        """The last refresh's warnings, and the staleness one when stale."""
-        out = list(self._refresh_warnings)
+        """The staleness warning when stale, the configured names that match
+        no table row, then the last refresh's warnings."""
+        out = [*self._config_warnings, *self._refresh_warnings]
         if self.stale:
             out.insert(0, self._stale_warning())
         return out
@@ -419,9 +498,16 @@ class MarketCatalog:
     def _stale_warning(self) -> str:
         age = self.age_s()
         if math.isinf(age):
+            unread = [r for r in self.cfg.aws.regions if r not in self._spot_at_s]
+            if len(unread) < len(self.cfg.aws.regions):
+                return (
+                    "live spot prices were never refreshed in every region: "
+                    f"{', '.join(unread)} never answered (see the broker's log, "
+                    "market.source_failed)"
+                )
             return (
-                "live spot prices were never read; offers use the shipped "
-                "tables only (check market.aws and the broker's log)"
+                "live spot prices were never read; offers use the tables only "
+                "(check market.aws and the broker's log, market.source_failed)"
             )
         return (
             f"prices are {_duration(age)} old (stale after "
@@ -437,11 +523,9 @@ class MarketCatalog:
         if now - self._stale_logged_s < self.cfg.refresh_interval_s:
             return
         self._stale_logged_s = now
-        log.warning(
-            "market.stale",
-            age_s=self.age_s(),
-            stale_after_s=self.cfg.stale_after_s,
-        )
+        age = self.age_s()
+        when = {"age_s": round(age)} if math.isfinite(age) else {"refreshed": "never"}
+        log.warning("market.stale", **when, stale_after_s=self.cfg.stale_after_s)
 
     def _update_metrics(self) -> None:
         if self._metrics is None:
@@ -457,6 +541,17 @@ def _load(configured: Path | None, shipped: Path, columns: tuple[str, ...]) -> T
     if configured is not None:
         return load_table(configured, columns)
     return load_table(shipped, columns, default=True)
+
+
+def _log_failure(task: asyncio.Task[list[str]]) -> None:
+    """Logs a refresh task that crashed (a bug: cloud errors are warnings)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("market.refresh_crashed", exc_info=task.exception())
+
+
+def _did_you_mean(value: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(value, sorted(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _wanted(value: str, allowed: list[str]) -> bool:

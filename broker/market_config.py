@@ -6,6 +6,7 @@ reference for every field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,48 @@ GCP_DEFAULT_HOURLY_RISK = 0.02
 # Relaunch (about 3 to 5 min), restore of the checkpoint and the work since the
 # last checkpoint: about a quarter of an hour lost per interruption.
 DEFAULT_RESTART_OVERHEAD_S = 900.0
+# Live prices a month old are no better than the shipped tables: a staleness
+# warning later than that comes too late to matter.
+MAX_STALE_AFTER_S = 30 * 86400.0
+# Six weeks of disruption per interruption: with GCP's default risk that
+# already charges spot 21 times its price; more is a typo, not a preference.
+MAX_RISK_WEIGHT = 1000.0
+# About eleven years of evidence: no observation would move the prior.
+MAX_PRIOR_HOURS = 100_000.0
+
+
+def range_problem(
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str | None:
+    """``NAME: must be ... in [LOW, HIGH], got VALUE``, or None when it is.
+
+    NaN and infinities are refused: every comparison with NaN is false, so a
+    check like ``value < 0`` alone would let ``.nan`` through.
+
+    Args:
+        low_open, high_open: True when the bound itself is not allowed.
+    """
+    finite = isinstance(value, int) or math.isfinite(value)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if finite and above and below:
+        return None
+    kind = "a whole number" if isinstance(value, int) else "a finite number"
+    return (
+        f"{name}: must be {kind} in {'(' if low_open else '['}{_show(low)}, "
+        f"{_show(high)}{')' if high_open else ']'}, got {value}"
+    )
+
+
+def _show(number: float) -> str:
+    """86400 rather than 86400.0 or 8.64e+04."""
+    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 @dataclass
@@ -67,30 +110,36 @@ class MarketConfig:
 
     def problems(self) -> list[str]:
         """Every inconsistent field, each named as ``market.<field>``."""
-        p: list[str] = []
-        if not 10 <= self.refresh_interval_s <= 86400:
-            p.append(
-                "market.refresh_interval_s: must be in [10, 86400], got "
-                f"{self.refresh_interval_s}"
-            )
-        if self.stale_after_s < 2 * self.refresh_interval_s:
+        checks = (
+            range_problem(
+                "market.refresh_interval_s", self.refresh_interval_s, 10, 86400
+            ),
+            range_problem(
+                "market.stale_after_s", self.stale_after_s, 0, MAX_STALE_AFTER_S
+            ),
+            range_problem(
+                "market.restart_overhead_s", self.restart_overhead_s, 0, 86400
+            ),
+            range_problem("market.risk_weight", self.risk_weight, 0, MAX_RISK_WEIGHT),
+            range_problem(
+                "market.prior_hours",
+                self.prior_hours,
+                0,
+                MAX_PRIOR_HOURS,
+                low_open=True,
+            ),
+            range_problem(
+                "market.gcp.hourly_risk", self.gcp.hourly_risk, 0, 1, high_open=True
+            ),
+        )
+        p = [why for why in checks if why is not None]
+        if self.stale_after_s < 2 * self.refresh_interval_s and not any(
+            why.startswith("market.stale_after_s") for why in p
+        ):
             p.append(
                 f"market.stale_after_s: must be at least twice refresh_interval_s "
                 f"({2 * self.refresh_interval_s}), so that one slow refresh does "
                 f"not make the catalog stale; got {self.stale_after_s}"
-            )
-        if not 0 <= self.restart_overhead_s <= 86400:
-            p.append(
-                "market.restart_overhead_s: must be in [0, 86400], got "
-                f"{self.restart_overhead_s}"
-            )
-        if self.risk_weight < 0:
-            p.append(f"market.risk_weight: must be >= 0, got {self.risk_weight}")
-        if self.prior_hours <= 0:
-            p.append(f"market.prior_hours: must be > 0, got {self.prior_hours}")
-        if not 0 <= self.gcp.hourly_risk < 1:
-            p.append(
-                f"market.gcp.hourly_risk: must be in [0, 1), got {self.gcp.hourly_risk}"
             )
         if self.aws.regions and not self.aws.instance_types:
             p.append(

@@ -14,7 +14,7 @@ import io
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +59,14 @@ def _price(value: str) -> str | None:
     except ValueError:
         return f"{value!r} is not a price in USD per hour"
     if not math.isfinite(number) or number < 0:
-        return f"{value!r} is not a price >= 0"
+        return f"{value!r} is not a price > 0"
+    # Ranking skips free offers as unpriced, so a row priced 0 (or so small
+    # that it reads as 0) would vanish from the catalog without a word.
+    if number == 0:
+        return (
+            f"{value!r} is not a price > 0; a type that is not offered there "
+            "has no row: leave the row out"
+        )
     return None
 
 
@@ -141,19 +148,20 @@ def parse_table(
         if key.strip() == "as_of":
             as_of_s = _parse_as_of(value.strip(), f"{path}:{skipped + 1}", problems)
         skipped += 1
-    reader = csv.reader(io.StringIO("".join(lines[skipped:])))
-    header = next(reader, None)
+    records = csv_records("".join(lines[skipped:]), path, skipped, problems)
+    before = len(problems)
+    header = next(records, (0, None))[1]
     if header is None or tuple(h.strip() for h in header) != columns:
-        problems.append(
-            f"{path}:{skipped + 1}: the header must be {','.join(columns)}, "
-            f"got {','.join(header or [])!r}"
-        )
+        if len(problems) == before:  # else the header was not a CSV row
+            problems.append(
+                f"{path}:{skipped + 1}: the header must be {','.join(columns)}, "
+                f"got {','.join(header or [])!r}"
+            )
         return Table(path, [], as_of_s)
     rows: list[tuple[int, Row]] = []
     keys = [c for c in columns if c in _KEY_COLUMNS]
     first_line: dict[tuple[str, ...], int] = {}
-    for fields in reader:
-        line = reader.line_num + skipped
+    for line, fields in records:
         if not fields or all(not f.strip() for f in fields):
             continue
         if len(fields) != len(columns):
@@ -177,6 +185,39 @@ def parse_table(
             first_line[key] = line
             rows.append((line, row))
     return Table(path, rows, as_of_s)
+
+
+def csv_records(
+    text: str, path: str, offset: int, problems: list[str]
+) -> Iterator[tuple[int, list[str]]]:
+    """The CSV records of ``text``, each with the file line it ends on.
+
+    A record the csv module cannot read (a field over its size limit, most
+    often from an unclosed double quote) is added to ``problems`` as
+    ``FILE:LINE: why`` and ends the table: what follows cannot be trusted.
+
+    Args:
+        text: the CSV text, header included.
+        path: the file, as problems name it.
+        offset: lines of the file before ``text`` (comment lines).
+    """
+    reader = csv.reader(io.StringIO(text))
+    while True:
+        start = reader.line_num + 1 + offset
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            why = str(exc)
+            if "field limit" in why:
+                why += ": a field that long most often starts at an unclosed quote"
+            problems.append(
+                f"{path}:{start}: not a CSV row: {why}; the lines after it "
+                "were not checked"
+            )
+            return
+        yield reader.line_num + offset, fields
 
 
 def _parse_as_of(value: str, where: str, problems: list[str]) -> float:

@@ -24,12 +24,11 @@ packaging/README.md says how the table was cut and how to replace it.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpufleet.broker.market_tables import csv_records
 from gpufleet.errors import ConfigError
 from gpufleet.proto import pb
 
@@ -84,7 +83,8 @@ class PriceTable:
         """
         file = Path(path) if path is not None else DEFAULT_PATH
         try:
-            text = file.read_text(encoding="utf-8")
+            # utf-8-sig: a table saved by a spreadsheet starts with a BOM.
+            text = file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 f"price table {file}",
@@ -96,18 +96,18 @@ class PriceTable:
     @classmethod
     def parse(cls, text: str, path: str) -> PriceTable:
         """Parses price-table CSV text; ``path`` names it in errors."""
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader, None)
+        hint = f"fix the rows named above; columns: {','.join(COLUMNS)}"
+        problems: list[str] = []
+        records = csv_records(text, path, 0, problems)
+        header = next(records, (0, None))[1]
         if header is None or tuple(h.strip() for h in header) != COLUMNS:
-            raise ConfigError(
-                f"price table {path}",
-                [f"{path}:1: the header must be {','.join(COLUMNS)}, got {header}"],
-            )
+            problems = problems or [
+                f"{path}:1: the header must be {','.join(COLUMNS)}, got {header}"
+            ]
+            raise ConfigError(f"price table {path}", problems, hint=hint)
         rows: dict[_Key, Price] = {}
         first_line: dict[_Key, int] = {}
-        problems: list[str] = []
-        for fields in reader:
-            line = reader.line_num
+        for line, fields in records:
             if not fields or all(not f.strip() for f in fields):
                 continue
             if len(fields) != len(COLUMNS):
@@ -128,11 +128,7 @@ class PriceTable:
             first_line[key] = line
             rows[key] = price
         if problems:
-            raise ConfigError(
-                f"price table {path}",
-                problems,
-                hint=f"fix the rows named above; columns: {','.join(COLUMNS)}",
-            )
+            raise ConfigError(f"price table {path}", problems, hint=hint)
         return cls(rows, path)
 
     def price_for(self, host: pb.HostIdentity) -> Price:

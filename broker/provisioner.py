@@ -69,6 +69,15 @@ class _Wanted:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """One offer's failed launch: what happened, and whether to stop trying
+    the other offers of the round (an error every offer would meet)."""
+
+    what: str
+    stop: bool
+
+
 class ProvisionError(GpufleetError):
     """A launch could not be asked for; the message says why."""
 
@@ -303,11 +312,6 @@ class Provisioner:
     def _no_offer_reason(self, w: _Wanted) -> str:
         if not w.lifecycles:
             return "on-demand launches are off (provisioning.on_demand: false)"
-        if not self._providers():
-            return (
-                "no cloud can launch: set provisioning.aws.images or "
-                "provisioning.gcp.project"
-            )
         parts = [f"{max(w.spec.gpus, 1)} GPU(s)", "/".join(w.lifecycles)]
         if w.spec.accelerator:
             parts.append(f"accelerator {w.spec.accelerator}")
@@ -315,7 +319,63 @@ class Provisioner:
             parts.append(f"at most {w.spec.max_usd_per_hour:.2f} USD/h")
         if w.avoid_zone:
             parts.append(f"outside {w.avoid_zone}")
-        return "no offer in the catalog has " + ", ".join(parts)
+        asked = ", ".join(parts)
+        fitting = [
+            offer
+            for _, offer in self.catalog.rank(
+                self.catalog.offers(),
+                gpus=max(w.spec.gpus, 1),
+                accelerator=w.spec.accelerator,
+                lifecycles=w.lifecycles,
+                max_usd_per_hour=w.spec.max_usd_per_hour,
+                avoid_zones=(w.avoid_zone,) if w.avoid_zone else (),
+            )
+        ]
+        if not fitting:
+            return f"no offer in the catalog has {asked}"
+        return (
+            f"the catalog has {len(fitting)} offer(s) with {asked}, but none "
+            "this broker can launch: " + "; ".join(self._unlaunchable(fitting))
+        )
+
+    def _unlaunchable(self, offers: list[Any]) -> list[str]:
+        """Why each cloud's offers cannot be launched, naming the setting
+        that would change it."""
+        providers = self._providers()
+        why: list[str] = []
+        for provider in sorted({o.provider for o in offers}):
+            mine = [o for o in offers if o.provider == provider]
+            regions = _some(sorted({o.region for o in mine}))
+            count = f"{len(mine)} on {provider.upper()}"
+            if provider == "aws" and provider not in providers:
+                why.append(
+                    f"{count} (in {regions}), which has no provisioning.aws "
+                    "section: set provisioning.aws.images (an AMI per region)"
+                )
+            elif provider == "aws":
+                why.append(
+                    f"{count}, in {regions}, which has no AMI in "
+                    "provisioning.aws.images"
+                )
+            elif provider == "gcp" and provider not in providers:
+                why.append(
+                    f"{count} (in {regions}), which has no provisioning.gcp "
+                    "section: set provisioning.gcp.project (or market.gcp.project) "
+                    "and provisioning.gcp.image"
+                )
+            elif provider == "gcp":
+                why.append(
+                    f"{count}, priced per region ({regions}): list zones of "
+                    "these regions in market.gcp.zones to launch there"
+                )
+            else:
+                why.append(f"{count}: the broker cannot launch on {provider}")
+        for provider in ("aws", "gcp"):
+            if provider in providers and not any(
+                o.provider == provider for o in offers
+            ):
+                why.append(f"{provider.upper()} has none")
+        return why
 
     # ------------------------------------------------------------- launching
 
@@ -323,11 +383,11 @@ class Provisioner:
         tried: list[str] = []
         try:
             for offer in offers:
-                outcome = await self._try_offer(w, offer)
-                if outcome is None:
+                failure = await self._try_offer(w, offer)
+                if failure is None:
                     return
-                tried.append(outcome)
-                if outcome.startswith("stop:"):
+                tried.append(failure.what)
+                if failure.stop:
                     break
             self._next_try[w.job_id] = self._clock() + self.cfg.retry_after_s
             if w.lifecycles and w.lifecycles[0] == "spot":
@@ -341,13 +401,13 @@ class Provisioner:
         finally:
             self._launching.discard(w.job_id)
 
-    async def _try_offer(self, w: _Wanted, offer: Any) -> str | None:
+    async def _try_offer(self, w: _Wanted, offer: Any) -> _Failure | None:
         """Launches one offer; None on success, else what went wrong."""
-        from gpufleet.broker.clouds.launch import LaunchError, LaunchRequest
+        from gpufleet.broker.clouds.launch import LaunchRequest
 
         now = self._clock()
         launch_id = new_launch_id(w.job_id)
-        where = f"{offer.provider} {offer.zone or offer.region} {offer.instance_type}"
+        where = _where(offer)
         view = pb.LaunchedInstance(
             launch_id=launch_id,
             provider=offer.provider,
@@ -369,7 +429,7 @@ class Provisioner:
             user_data = self._script(launch_id)
         except (OSError, GpufleetError) as exc:
             await self._set(view, st.FAILED, f"cannot build the startup script: {exc}")
-            return f"stop:{where}: cannot build the startup script: {exc}"
+            return _Failure(f"{where}: cannot build the startup script: {exc}", True)
         request = LaunchRequest(
             provider=offer.provider,
             region=offer.region,
@@ -387,21 +447,8 @@ class Provisioner:
         try:
             cloud = self._clouds(offer.provider)
             ref = await cloud.launch_instance(request, self._template(offer))
-        except LaunchError as exc:
-            await self._set(view, st.FAILED, f"{exc.kind}: {exc}")
-            self._count(offer, exc.kind)
-            return f"{where}: {exc.kind}" if exc.next_offer else f"stop:{where}: {exc}"
-        except (CloudActionError, GpufleetError) as exc:
-            await self._set(view, st.FAILED, str(exc))
-            self._count(offer, "error")
-            return f"stop:{where}: {exc}"
         except Exception as exc:
-            # A reply the SDK or our parsing did not expect: the instance may
-            # exist; the sweep terminates it if so (its launch id is tagged).
-            log.exception("instance.launch_error", launch_id=launch_id)
-            await self._set(view, st.FAILED, f"unexpected error: {exc!r}")
-            self._count(offer, "error")
-            return f"stop:{where}: unexpected error: {exc!r}"
+            return await self._launch_failed(view, offer, exc)
         finally:
             self._inflight.discard(launch_id)
         view.instance_id = ref.instance_id
@@ -429,6 +476,37 @@ class Provisioner:
             lifecycle=offer.lifecycle,
         )
         return None
+
+    async def _launch_failed(
+        self, view: pb.LaunchedInstance, offer: Any, exc: Exception
+    ) -> _Failure:
+        """Records a failed launch call, saying which launch failed and
+        whether it failed or ran out of time."""
+        from gpufleet.broker.clouds.launch import LaunchError
+
+        where = _where(offer)
+        if isinstance(exc, LaunchError):
+            kind, stop, reason = exc.kind, not exc.next_offer, exc.reason
+        elif isinstance(exc, GpufleetError):
+            kind, stop = "error", True
+            reason = exc.reason if isinstance(exc, CloudActionError) else str(exc)
+        else:
+            # A reply the SDK or our parsing did not expect: the instance may
+            # exist; the sweep terminates it if so (its launch id is tagged).
+            log.error("instance.launch_error", launch_id=view.launch_id, exc_info=exc)
+            kind, stop, reason = "error", True, f"unexpected error: {exc!r}"
+        timed_out = _timed_out(exc)
+        what = (
+            f"launch of {offer.lifecycle} {where} "
+            f"{'timed out' if timed_out else 'failed'}: {reason}"
+        )
+        await self._set(view, st.FAILED, f"{'timeout' if timed_out else kind}: {what}")
+        self._count(offer, kind)
+        if timed_out:
+            what += (
+                "; an instance the cloud started anyway is terminated by the next sweep"
+            )
+        return _Failure(what if stop else f"{where}: {kind}", stop)
 
     def _template(self, offer: Any) -> Any:
         from gpufleet.broker.clouds.launch import LaunchTemplate
@@ -792,6 +870,33 @@ class Provisioner:
                 self._sweeping = False
 
         self._spawn(run(), "instance-sweep")
+
+
+def _where(offer: Any) -> str:
+    """``aws us-east-1a g5.xlarge``: an offer in logs and job histories."""
+    return f"{offer.provider} {offer.zone or offer.region} {offer.instance_type}"
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a cloud call failed by running out of time: our own bound
+    (``asyncio.timeout``, raised on as an error ``from None``), or the SDK's
+    connect or read timeout."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        name = type(seen).__name__
+        if isinstance(seen, TimeoutError) or "Timeout" in name:
+            return True
+        if name == "DeadlineExceeded":  # google.api_core
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _some(names: list[str], most: int = 4) -> str:
+    """``a, b, c, d and 3 more``: a list that stays one line."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:most])} and {len(names) - most} more"
 
 
 def identity_of(view: pb.LaunchedInstance) -> pb.HostIdentity:

@@ -12,7 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpufleet.broker.market_config import range_problem
 from gpufleet.config import require
+
+# Booting takes about a minute on EC2 and GCE before the startup script even
+# runs; a shorter enroll timeout terminates every instance it launches.
+MIN_ENROLL_TIMEOUT_S = 60.0
+# The job manager places jobs once a second: a launched host must stay up
+# for a few ticks so that the job it was launched for can land on it.
+MIN_IDLE_RELEASE_S = 5.0
+MAX_IDLE_RELEASE_S = 7 * 86400.0
+# Each retry may call RunInstances for up to 8 offers, and a release that
+# failed is retried as often: a few seconds apart at least keeps the broker
+# clear of the clouds' API rate limits. Launch pauses double from this value
+# up to an hour, the longest wait that still makes sense.
+MIN_RETRY_AFTER_S = 5.0
+MAX_RETRY_AFTER_S = 3600.0
+# Root volume sizes the clouds accept, in GiB: EBS gp3 1 to 16,384 (EBS
+# volume types); GCE pd-balanced 10 to 65,536 (Persistent Disk limits).
+AWS_DISK_GB = (1, 16384)
+GCP_DISK_GB = (10, 65536)
 
 
 @dataclass
@@ -75,23 +94,46 @@ class ProvisioningConfig:
             return p
         require(
             p,
-            bool(re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", self.broker_address)),
+            _port_of(self.broker_address) is not None,
             "provisioning.broker_address: must be HOST:PORT that launched hosts "
-            f"can reach, got {self.broker_address!r}",
+            f"can reach, with a port in 1..65535, got {self.broker_address!r}",
         )
         require(
             p,
             bool(self.agent_package.strip()),
             "provisioning.agent_package: must name what pip installs",
         )
-        require(
-            p,
-            1 <= self.max_instances <= 1000,
-            f"provisioning.max_instances: must be in 1..1000, got {self.max_instances}",
+        checks = (
+            range_problem("provisioning.max_instances", self.max_instances, 1, 1000),
+            range_problem(
+                "provisioning.enroll_timeout_s",
+                self.enroll_timeout_s,
+                MIN_ENROLL_TIMEOUT_S,
+                86400,
+            ),
+            range_problem(
+                "provisioning.idle_release_s",
+                self.idle_release_s,
+                MIN_IDLE_RELEASE_S,
+                MAX_IDLE_RELEASE_S,
+            ),
+            range_problem(
+                "provisioning.retry_after_s",
+                self.retry_after_s,
+                MIN_RETRY_AFTER_S,
+                MAX_RETRY_AFTER_S,
+            ),
+            range_problem("provisioning.aws.disk_gb", self.aws.disk_gb, *AWS_DISK_GB),
+            range_problem("provisioning.gcp.disk_gb", self.gcp.disk_gb, *GCP_DISK_GB),
         )
-        for name in ("enroll_timeout_s", "idle_release_s", "retry_after_s"):
-            value = getattr(self, name)
-            require(p, value > 0, f"provisioning.{name}: must be > 0, got {value}")
+        p.extend(why for why in checks if why is not None)
+        for region, image in self.aws.images.items():
+            require(
+                p,
+                bool(image.strip()),
+                f"provisioning.aws.images: no AMI for region {region}; give one "
+                "or leave the region out",
+            )
         require(
             p,
             isinstance(self.agent_config, Mapping),
@@ -104,4 +146,17 @@ class ProvisioningConfig:
                 value is None or Path(value).is_file(),
                 f"provisioning.{name}: no such file: {value}",
             )
+        require(
+            p,
+            (self.tls_cert is None) == (self.tls_key is None),
+            "provisioning.tls_cert, tls_key: set both or neither",
+        )
         return p
+
+
+def _port_of(address: str) -> int | None:
+    """The port of HOST:PORT (an IPv6 host in brackets), None if malformed."""
+    if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", address):
+        return None
+    port = int(address.rpartition(":")[2])
+    return port if 1 <= port <= 65535 else None

@@ -6,6 +6,7 @@ import click
 
 from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
 from gpufleet.cli.output import duration, print_json, print_table, to_dict, when
+from gpufleet.errors import BrokerUnavailableError
 from gpufleet.proto import pb
 
 _COLUMNS = (
@@ -50,12 +51,56 @@ def _header(resp: pb.ListOffersResponse) -> str:
     )
 
 
+# How the broker's staleness warnings (market.py) begin.
+_STALE_STARTS = ("prices are", "live spot prices were never")
+
+
+def _stale_line(resp: pb.ListOffersResponse) -> str | None:
+    """The staleness warning, for a broker that sent none of its own."""
+    if not resp.stale:
+        return None
+    if not resp.refreshed_at_s:
+        # age_s is 0 then: the broker cannot send "never" as an age.
+        return (
+            "live spot prices were never refreshed (stale after "
+            f"{resp.stale_after_s / 3600:.1f} h); placement uses the tables"
+        )
+    return (
+        f"prices are {resp.age_s / 3600:.1f} h old (stale after "
+        f"{resp.stale_after_s / 3600:.1f} h); placement still uses them"
+    )
+
+
+def _timed_out(exc: BrokerUnavailableError) -> bool:
+    """Whether the call ran out of time (gRPC DEADLINE_EXCEEDED), as opposed
+    to finding no broker."""
+    return "deadline" in exc.reason.lower()
+
+
+def _slow_refresh(
+    exc: BrokerUnavailableError, opts: ClientOptions
+) -> BrokerUnavailableError:
+    """The error for a --refresh that outlasted --timeout: the broker is up,
+    the clouds it asks are slow."""
+    error = BrokerUnavailableError(exc.address, exc.reason)
+    error.args = (
+        f"the broker at {exc.address} did not answer within {opts.timeout_s:g} s: "
+        "--refresh first reads the live prices from the clouds, which took "
+        "longer",
+    )
+    error.hint = (
+        "the refresh goes on in the broker: run 'gpufleet prices' without "
+        "--refresh to see the catalog, or pass a longer --timeout"
+    )
+    return error
+
+
 @click.command("prices")
 @click.option(
     "--provider",
-    type=click.Choice(["", "aws", "gcp"]),
-    default="",
-    help="Only this cloud: aws or gcp.",
+    type=click.Choice(["aws", "gcp"]),
+    default=None,
+    help="Only this cloud.",
 )
 @click.option("--region", default="", help="Only this region.")
 @click.option("--type", "instance_type", default="", help="Only this type.")
@@ -77,7 +122,7 @@ def _header(resp: pb.ListOffersResponse) -> str:
 @click.pass_obj
 def prices(
     opts: ClientOptions,
-    provider: str,
+    provider: str | None,
     region: str,
     instance_type: str,
     lifecycle: str | None,
@@ -87,7 +132,7 @@ def prices(
 ) -> None:
     """Hourly prices and interruption risks, the best score first."""
     request = pb.ListOffersRequest(
-        provider=provider,
+        provider=provider or "",
         region=region,
         instance_type=instance_type,
         lifecycle=lifecycle or "",
@@ -98,15 +143,16 @@ def prices(
     client = AdminClient(opts)
     try:
         resp: pb.ListOffersResponse = client.call("ListOffers", request)
+    except BrokerUnavailableError as exc:
+        if refresh and _timed_out(exc):
+            raise _slow_refresh(exc, opts) from None
+        raise
     finally:
         client.close()
     lines = list(resp.warnings)
-    if resp.stale and not any(line.startswith("prices are") for line in lines):
-        lines.insert(
-            0,
-            f"prices are {resp.age_s / 3600:.1f} h old (stale after "
-            f"{resp.stale_after_s / 3600:.1f} h); placement still uses them",
-        )
+    stale = _stale_line(resp)
+    if stale and not any(line.startswith(_STALE_STARTS) for line in lines):
+        lines.insert(0, stale)
     for line in lines:
         click.echo(f"warning: {line}", err=True)
     if opts.json:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import pytest
 
+from gpufleet.broker import admin_market
+from gpufleet.broker.config import load_broker_config
 from gpufleet.broker.market import MarketCatalog, MarketConfig, Offer
+from gpufleet.broker.market_aws import AwsSpotPrices, SpotQuote
 from gpufleet.broker.market_config import AwsMarketConfig, GcpMarketConfig
 from gpufleet.broker.market_risk import band_hourly_risk
+from gpufleet.broker.market_tables import GCP_PRICES
 from gpufleet.broker.metrics import BrokerMetrics
 from gpufleet.errors import ConfigError
+from gpufleet.proto import pb
 
 GCP_HEADER = (
     "region,machine_type,accelerator,gpus,spot_usd_per_hour,ondemand_usd_per_hour\n"
@@ -111,7 +117,7 @@ def test_bad_gcp_prices_file_names_file_line_and_column(tmp_path: Path) -> None:
         catalog.load_tables()
     whole = "is not a whole number of GPUs from 0 to 256"
     assert caught.value.problems == [
-        f"{prices}:2: column 5 (spot_usd_per_hour): '-0.25' is not a price >= 0",
+        f"{prices}:2: column 5 (spot_usd_per_hour): '-0.25' is not a price > 0",
         f"{prices}:3: column 4 (gpus): 'one' {whole}",
         f"{prices}:3: column 6 (ondemand_usd_per_hour): 'nan' is not a price in "
         "USD per hour",
@@ -287,3 +293,236 @@ def test_config_problems_name_their_fields(tmp_path: Path) -> None:
         "market.gcp.prices_file",
         "market.gcp.zones",
     ]
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "header"),
+    [
+        ("gcp", "prices_file", GCP_HEADER),
+        ("aws", "ondemand_file", "region,instance_type,usd_per_hour,source\n"),
+        ("aws", "advisor_file", "region,instance_type,band_index,band_label\n"),
+    ],
+)
+def test_a_field_over_the_csv_size_limit_is_a_file_line_problem(
+    tmp_path: Path, section: str, field: str, header: str
+) -> None:
+    """A field longer than the csv module takes (131072 characters) is
+    reported as FILE:LINE with the rest of the table's problems, not raised
+    as csv.Error."""
+    table = tmp_path / "table.csv"
+    table.write_text("# as_of: 2026-01-01\n" + header + "x" * 200_000 + ",1\n")
+    cfg = MarketConfig()
+    setattr(getattr(cfg, section), field, table)
+    with pytest.raises(ConfigError) as caught:
+        MarketCatalog(cfg).load_tables()
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{table}:3: not a CSV row: field larger than field")
+    assert "unclosed quote" in problem
+
+
+def test_an_unclosed_quote_is_reported_at_the_line_it_starts(tmp_path: Path) -> None:
+    """A quote left open swallows the file; the problem names its first line
+    and says the lines after it were not checked."""
+    prices = tmp_path / "gcp.csv"
+    prices.write_text(
+        GCP_HEADER
+        + "us-central1,g2-standard-4,l4,1,-1,0.70\n"
+        + 'us-central1,"g2-standard-8,l4,1,0.3,0.7\n'
+        + "us-central1,g2-standard-12,l4,1,0.3,0.7\n" * 4000
+    )
+    catalog = MarketCatalog(MarketConfig(gcp=GcpMarketConfig(prices_file=prices)))
+    with pytest.raises(ConfigError) as caught:
+        catalog.load_tables()
+    first, second = caught.value.problems
+    assert first.startswith(f"{prices}:2: column 5")
+    assert second.startswith(f"{prices}:3: not a CSV row")
+    assert second.endswith("the lines after it were not checked")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [(5, "0"), (6, "0.0"), (5, "1e-400")],
+)
+def test_a_table_row_priced_zero_is_refused(
+    tmp_path: Path, column: int, value: str
+) -> None:
+    """A price of 0 (or one that reads as 0) would vanish from the catalog
+    when ranked: the table is refused, and the problem says to leave the row
+    out instead."""
+    fields = ["us-central1", "g2-standard-4", "l4", "1", "0.25", "0.70"]
+    fields[column - 1] = value
+    prices = tmp_path / "gcp.csv"
+    prices.write_text(GCP_HEADER + ",".join(fields) + "\n")
+    catalog = MarketCatalog(MarketConfig(gcp=GcpMarketConfig(prices_file=prices)))
+    with pytest.raises(ConfigError) as caught:
+        catalog.load_tables()
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{prices}:2: column {column} (")
+    assert f"{value!r} is not a price > 0; a type that is not offered" in problem
+
+
+def test_every_shipped_table_row_becomes_an_offer() -> None:
+    """No shipped row is dropped on the way to `gpufleet prices`: the catalog
+    counts two offers per GCP row and one per AWS on-demand row."""
+    catalog = _catalog()
+    ranked = catalog.rank(catalog.offers(), gpus=0)
+    gcp_rows = len(GCP_PRICES.read_text().splitlines()) - 2
+    assert len([o for _, o in ranked if o.provider == "gcp"]) == 2 * gcp_rows
+    assert len([o for _, o in ranked if o.provider == "aws"]) == 30
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("risk_weight", math.nan),
+        ("risk_weight", math.inf),
+        ("prior_hours", math.nan),
+        ("prior_hours", math.inf),
+        ("stale_after_s", math.nan),
+        ("stale_after_s", math.inf),
+        ("restart_overhead_s", math.nan),
+        ("refresh_interval_s", math.nan),
+    ],
+)
+def test_config_refuses_nan_and_infinity(field: str, value: float) -> None:
+    """NaN passes any `<` check; every number must be finite and in range."""
+    cfg = MarketConfig(**{field: value})  # type: ignore[arg-type]
+    [problem] = [p for p in cfg.problems() if p.startswith(f"market.{field}:")]
+    assert "must be a finite number in" in problem
+    assert problem.endswith(f"got {value}")
+
+
+def test_config_refuses_nan_gcp_risk_and_bounds_the_weights() -> None:
+    """The GCP prior and the scoring weights have upper bounds too."""
+    cfg = MarketConfig(
+        risk_weight=1e6,
+        prior_hours=1e9,
+        stale_after_s=1e9,
+        gcp=GcpMarketConfig(hourly_risk=math.nan),
+    )
+    assert cfg.problems() == [
+        "market.stale_after_s: must be a finite number in [0, 2592000], got "
+        "1000000000.0",
+        "market.risk_weight: must be a finite number in [0, 1000], got 1000000.0",
+        "market.prior_hours: must be a finite number in (0, 100000], got 1000000000.0",
+        "market.gcp.hourly_risk: must be a finite number in [0, 1), got nan",
+    ]
+
+
+def test_broker_config_with_nan_market_numbers_is_refused(tmp_path: Path) -> None:
+    """YAML's .nan and .inf stop the broker at start with the field named."""
+    path = tmp_path / "broker.yaml"
+    path.write_text(
+        "market: {enabled: true, risk_weight: .nan, prior_hours: .inf,"
+        " stale_after_s: .nan}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_broker_config(path)
+    fields = [p.split(":")[0] for p in caught.value.problems]
+    assert fields == [
+        "market.stale_after_s",
+        "market.risk_weight",
+        "market.prior_hours",
+    ]
+
+
+def test_configured_names_that_match_no_row_are_warned_about(tmp_path: Path) -> None:
+    """A region, type or zone that matches no table row would drop offers
+    silently: each is a warning of the catalog, with a suggestion."""
+    cfg = MarketConfig(
+        aws=AwsMarketConfig(instance_types=["g5.xlarg"]),
+        gcp=GcpMarketConfig(
+            regions=["nowhere", "us-central1"],
+            machine_types=["g2-standard-4"],
+            zones=["us-central1-a", "europe-west4-a", "us-east9-z"],
+        ),
+    )
+    catalog = _catalog(cfg)
+    assert catalog.warnings == [
+        "market.gcp.regions: 'nowhere' matches no row of gcp_prices.csv; it "
+        "adds no offer",
+        "market.gcp.zones: 'europe-west4-a': market.gcp leaves europe-west4 out; "
+        "it adds no offer",
+        "market.gcp.zones: 'us-east9-z': no row of gcp_prices.csv is in us-east9; "
+        "it adds no offer",
+        "market.aws.instance_types: 'g5.xlarg' is not in aws_instance_types.csv "
+        "(did you mean g5.xlarge?); its GPUs are unknown, so no job is placed on "
+        "its offers",
+    ]
+    assert {o.zone for o in catalog.offers(provider="gcp")} == {"us-central1-a"}
+
+
+def test_a_gcp_region_typo_alone_says_gcp_has_no_offer() -> None:
+    """`regions: [nowhere]` (the tester's case) names the field and value."""
+    catalog = _catalog(MarketConfig(gcp=GcpMarketConfig(regions=["us-centrl1"])))
+    assert catalog.offers(provider="gcp") == []
+    assert catalog.warnings == [
+        "market.gcp.regions: 'us-centrl1' matches no row of gcp_prices.csv "
+        "(did you mean us-central1?); it adds no offer"
+    ]
+
+
+def test_a_catalog_never_refreshed_says_never_not_an_age() -> None:
+    """Before any refresh has read every region, the stale warning says
+    'never', naming the regions that never answered."""
+    cfg = MarketConfig(
+        aws=AwsMarketConfig(
+            regions=["us-east-1", "us-west-2"], instance_types=["g5.xlarge"]
+        )
+    )
+    catalog = _catalog(cfg, clock=FakeClock())
+    assert catalog.warnings[0].startswith("live spot prices were never read;")
+    catalog._spot_at_s["us-east-1"] = 1.8e9
+    assert catalog.warnings[0].startswith(
+        "live spot prices were never refreshed in every region: us-west-2 never "
+        "answered"
+    )
+    assert " 0.0 h " not in " ".join(catalog.warnings)
+
+
+def _block_aws_fetch(
+    monkeypatch: pytest.MonkeyPatch, release: threading.Event
+) -> list[str]:
+    """Makes the live AWS source hang (like an endpoint that accepts the
+    connection and never answers) until ``release`` is set."""
+    calls: list[str] = []
+
+    def fetch(
+        self: object, region: str, types: list[str], now_s: float
+    ) -> tuple[list[SpotQuote], list[str]]:
+        calls.append(region)
+        release.wait(10)
+        return [SpotQuote(f"{region}a", types[0], 0.4, now_s)], []
+
+    monkeypatch.setattr(AwsSpotPrices, "fetch", fetch)
+    return calls
+
+
+async def test_list_offers_refresh_answers_in_time_while_the_cloud_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refresh that outlasts REFRESH_WAIT_S leaves ListOffers with the
+    prices from before and a note; the refresh goes on and lands later."""
+    release = threading.Event()
+    calls = _block_aws_fetch(monkeypatch, release)
+    monkeypatch.setattr(admin_market, "REFRESH_WAIT_S", 0.05)
+    cfg = MarketConfig(
+        aws=AwsMarketConfig(regions=["us-east-1"], instance_types=["g5.xlarge"])
+    )
+    catalog = _catalog(cfg)
+    request = pb.ListOffersRequest(refresh=True, provider="aws", lifecycle="spot")
+    try:
+        resp = await admin_market.list_offers(catalog, request)
+        assert list(resp.offers) == []
+        assert any("did not finish within 0.05 s" in w for w in resp.warnings)
+        again = await admin_market.list_offers(catalog, request)
+        assert calls == ["us-east-1"]  # joined the refresh under way
+        assert any("did not finish" in w for w in again.warnings)
+    finally:
+        release.set()
+    assert await catalog.refresh_soon() == []
+    resp = await admin_market.list_offers(
+        catalog, pb.ListOffersRequest(provider="aws", lifecycle="spot")
+    )
+    assert [o.zone for o in resp.offers] == ["us-east-1a"]
+    assert not resp.stale

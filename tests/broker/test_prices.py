@@ -134,3 +134,31 @@ def test_prices_empty_gpus_means_unknown_count(tmp_path: Path) -> None:
 
     assert price.usd_per_hour == pytest.approx(0.9)
     assert price.gpus is None
+
+
+def test_prices_field_over_the_csv_size_limit_names_file_and_line(
+    tmp_path: Path,
+) -> None:
+    """A field longer than the csv module takes is a FILE:LINE problem, not
+    a csv.Error traceback at broker start."""
+    path = _write(
+        tmp_path, "aws,*,g5.xlarge,spot,abc,1\n" + "x" * 200_000 + ",1,2,3,4,5\n"
+    )
+
+    with pytest.raises(ConfigError) as info:
+        PriceTable.load(path)
+
+    first, second = info.value.problems
+    assert first.startswith(f"{path}:2: column 5 (usd_per_hour)")
+    assert second.startswith(f"{path}:3: not a CSV row: field larger than field")
+
+
+def test_prices_header_over_the_csv_size_limit_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "prices.csv"
+    path.write_text('"' + "x" * 200_000 + "\n")
+
+    with pytest.raises(ConfigError) as info:
+        PriceTable.load(path)
+
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}:1: not a CSV row")

@@ -5,10 +5,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gpufleet.broker import instancestore as st
+from gpufleet.broker.clouds import aws as aws_cloud
+from gpufleet.broker.clouds.aws import AwsActions
 from tests.broker.test_provisioner import (
     Clock,
     _catalog,
@@ -223,3 +228,61 @@ async def test_a_restart_during_the_launch_call_finds_the_instance_by_its_tag(
     assert after.instance_id == instance_id
     assert after.state == st.RELEASED
     assert _instance(proxy.url, instance_id)["State"]["Name"] == "terminated"
+
+
+def _hang(proxy: Ec2FaultProxy, action: str, release: threading.Event) -> None:
+    """Makes ``action`` hang until ``release`` is set: an EC2 endpoint that
+    accepts the call and never answers. The client has given up by then, so
+    what the proxy writes back goes nowhere, and its errors are dropped."""
+    forward = proxy.forward
+
+    def hang(method: str, path: str, headers: Any, data: bytes) -> Any:
+        if f"Action={action}".encode() in data:
+            release.wait(10)
+            return 503, [], b""
+        return forward(method, path, headers, data)
+
+    proxy.forward = hang  # type: ignore[method-assign]
+    proxy._server.handle_error = lambda *args: None  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("bound", "reason"),
+    [
+        ("action_timeout_s", "launch did not finish within 0.1 s"),
+        ("read_timeout_s", "EC2 call failed in region us-east-1: Read timeout"),
+    ],
+)
+async def test_a_launch_that_times_out_says_so(
+    proxy: Ec2FaultProxy,
+    store: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    bound: str,
+    reason: str,
+) -> None:
+    """Whether our own bound or botocore's read timeout ends the call, the
+    record says which launch timed out, not 'aws action on fleet lab
+    failed'."""
+    catalog = await _catalog(proxy.url)
+    prov, tasks = _provisioner(proxy.url, catalog, store, Clock())
+    if bound == "read_timeout_s":
+        monkeypatch.setattr(aws_cloud, "READ_TIMEOUT_S", 0.1)
+        monkeypatch.setattr(aws_cloud, "MAX_ATTEMPTS", 1)
+        actions = AwsActions(endpoint_url=proxy.url)
+    else:
+        actions = AwsActions(endpoint_url=proxy.url, action_timeout_s=0.1)
+    prov._clouds = lambda provider: actions
+    release = threading.Event()
+    _hang(proxy, "DescribeInstances", release)
+    try:
+        await prov.request("j", _spec(), lifecycles=("spot",))
+        await _launched(prov, tasks)
+    finally:
+        release.set()
+    [failed] = prov.instances.values()
+    assert failed.state == st.FAILED
+    where = f"aws {failed.zone} g5.xlarge"
+    assert failed.detail.startswith(
+        f"timeout: launch of spot {where} timed out: {reason}"
+    ), failed.detail
+    assert "action on" not in failed.detail
