@@ -46,6 +46,21 @@ class BrokerUnavailableError(GpufleetError):
         )
 
 
+class BrokerTimeoutError(BrokerUnavailableError):
+    """The broker did not answer a call within the client's timeout."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(address, reason)
+        self.args = (
+            f"the broker at {address} did not answer in time ({reason}): it is "
+            "not there, or busy",
+        )
+        self.hint = (
+            "check that 'gpufleet broker serve' runs there, or pass a longer "
+            "--timeout"
+        )
+
+
 class AuthError(GpufleetError):
     """The broker refused the admin token or the agent's credentials."""
 

@@ -18,6 +18,7 @@ import grpc
 
 from gpufleet.errors import (
     AuthError,
+    BrokerTimeoutError,
     BrokerUnavailableError,
     ConfigError,
     GpufleetError,
@@ -119,7 +120,12 @@ def translate(exc: grpc.RpcError, broker: str) -> GpufleetError:
     """Turns a gRPC error into one that names the cause and the remedy."""
     code = exc.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        error = BrokerUnavailableError(broker, exc.details() or code.name)
+        kind = (
+            BrokerTimeoutError
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED
+            else BrokerUnavailableError
+        )
+        error = kind(broker, exc.details() or code.name)
         if (
             "Socket closed" in (exc.details() or "")
             or "ssl" in (exc.details() or "").lower()

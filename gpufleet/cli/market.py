@@ -6,7 +6,7 @@ import click
 
 from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
 from gpufleet.cli.output import duration, print_json, print_table, to_dict, when
-from gpufleet.errors import BrokerUnavailableError
+from gpufleet.errors import BrokerTimeoutError
 from gpufleet.proto import pb
 
 _COLUMNS = (
@@ -71,18 +71,10 @@ def _stale_line(resp: pb.ListOffersResponse) -> str | None:
     )
 
 
-def _timed_out(exc: BrokerUnavailableError) -> bool:
-    """Whether the call ran out of time (gRPC DEADLINE_EXCEEDED), as opposed
-    to finding no broker."""
-    return "deadline" in exc.reason.lower()
-
-
-def _slow_refresh(
-    exc: BrokerUnavailableError, opts: ClientOptions
-) -> BrokerUnavailableError:
+def _slow_refresh(exc: BrokerTimeoutError, opts: ClientOptions) -> BrokerTimeoutError:
     """The error for a --refresh that outlasted --timeout: the broker is up,
     the clouds it asks are slow."""
-    error = BrokerUnavailableError(exc.address, exc.reason)
+    error = BrokerTimeoutError(exc.address, exc.reason)
     error.args = (
         f"the broker at {exc.address} did not answer within {opts.timeout_s:g} s: "
         "--refresh first reads the live prices from the clouds, which took "
@@ -143,8 +135,8 @@ def prices(
     client = AdminClient(opts)
     try:
         resp: pb.ListOffersResponse = client.call("ListOffers", request)
-    except BrokerUnavailableError as exc:
-        if refresh and _timed_out(exc):
+    except BrokerTimeoutError as exc:
+        if refresh:
             raise _slow_refresh(exc, opts) from None
         raise
     finally:

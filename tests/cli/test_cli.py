@@ -255,3 +255,21 @@ async def test_cli_gpus_of_a_host_gone_away_show_the_host_not_the_last_sample(
 async def _gpu_count(addr: str, capsys: pytest.CaptureFixture[str], n: int) -> bool:
     await run_cli("--broker", addr, "--token", TOKEN, "--json", "gpus")
     return len(json.loads(capsys.readouterr().out)["gpus"]) == n
+
+
+async def test_cli_broker_that_accepts_but_never_answers_is_a_timeout_exiting_3(
+    capsys,
+) -> None:
+    """A listener that takes the connection and says nothing (a hung broker)
+    is reported as not answering in time, not as absent."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        addr = f"127.0.0.1:{listener.getsockname()[1]}"
+        code = await run_cli(
+            "--broker", addr, "--token", "x", "--timeout", "1", "hosts"
+        )
+    err = capsys.readouterr().err
+    assert code == 3
+    assert f"the broker at {addr} did not answer in time" in err
+    assert "--timeout" in err
