@@ -139,7 +139,14 @@ def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         if not isinstance(value, Mapping):
             problems.append(f"{where}: must be a mapping, got {value!r}")
             return {}
-        return {str(k): str(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            if v is None or isinstance(v, dict | list):
+                got = "nothing" if v is None else repr(v)
+                problems.append(f"{where}.{k}: must be a text value, got {got}")
+                continue
+            out[str(k)] = str(v)
+        return out
     if origin in (list, tuple):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
@@ -166,6 +173,9 @@ def _scalar(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         if tp is int:
             if isinstance(value, bool):
                 raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                # int(5.7) would be 5 without a word.
+                raise ValueError
             return int(value)
         if tp is float:
             if isinstance(value, bool):
@@ -177,7 +187,7 @@ def _scalar(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
             if isinstance(value, dict | list):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         name = getattr(tp, "__name__", str(tp))
         problems.append(f"{where}: must be {_article(name)}, got {value!r}")
         return None

@@ -73,3 +73,24 @@ def test_broker_provisioning_needs_the_market_and_a_cloud_to_launch_in(
     text = str(caught.value)
     assert "instance_types" in text
     assert "needs the market catalog" not in text
+
+
+def test_broker_config_refuses_fractional_and_infinite_counts_and_empty_map_values(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "broker.yaml"
+    path.write_text(
+        "provisioning:\n"
+        "  max_instances: .inf\n"
+        "  aws:\n"
+        "    disk_gb: 5.7\n"
+        "    images: {us-east-1: }\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_broker_config(path)
+    problems = "\n".join(info.value.problems)
+    assert "provisioning.max_instances: must be an integer, got inf" in problems
+    assert "provisioning.aws.disk_gb: must be an integer, got 5.7" in problems
+    assert "provisioning.aws.images.us-east-1: must be a text value, got nothing" in (
+        problems
+    )
