@@ -747,7 +747,7 @@ class Provisioner:
         self._idle_since.pop(view.launch_id, None)
         self._away_since.pop(view.launch_id, None)
         self._release_why.pop(view.launch_id, None)
-        await self._set(view, st.RELEASED, f"{why}; {state}")
+        # The event first: whoever sees the state "released" finds its event.
         await self._events.emit(
             "instance.released",
             host_id=view.host_id,
@@ -756,6 +756,7 @@ class Provisioner:
             instance_id=view.instance_id,
             detail=why,
         )
+        await self._set(view, st.RELEASED, f"{why}; {state}")
 
     async def _find(self, view: pb.LaunchedInstance) -> None:
         """Looks a launch without an instance id up by its tag or label (a
