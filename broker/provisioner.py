@@ -253,6 +253,18 @@ class Provisioner:
         now = self._clock()
         if self._next_try.get(job_id, 0.0) > now:
             return "backoff"
+        wanted = _Wanted(
+            job_id,
+            spec,
+            lifecycles,
+            avoid_zone if self.cfg.avoid_preempted_zone else "",
+            reason,
+        )
+        # No offer at all is said first: a pause or the limit would hide it.
+        offers = self._offers(wanted)
+        if not offers:
+            self._next_try[job_id] = now + self.cfg.retry_after_s
+            return f"no-offer: {self._no_offer_reason(wanted)}"
         if len(self.live()) + len(self._launching) >= self.cfg.max_instances:
             return "at-limit"
         if now < self._paused_until_s:
@@ -262,17 +274,6 @@ class Provisioner:
                 "it), the image (python3 >= 3.11) and the instances' startup log "
                 "/var/log/gpufleet-startup.log"
             )
-        wanted = _Wanted(
-            job_id,
-            spec,
-            lifecycles,
-            avoid_zone if self.cfg.avoid_preempted_zone else "",
-            reason,
-        )
-        offers = self._offers(wanted)
-        if not offers:
-            self._next_try[job_id] = now + self.cfg.retry_after_s
-            return f"no-offer: {self._no_offer_reason(wanted)}"
         self._launching.add(job_id)
         self._spawn(self._launch(wanted, offers), f"launch-{job_id}")
         return "launching"

@@ -454,6 +454,11 @@ async def test_launches_pause_when_instances_keep_failing_to_enroll(
     outcome = await prov.request("j", _spec(), lifecycles=("spot",))
     assert outcome.startswith("paused: the last 3 launched instances never enrolled")
     assert "provisioning.broker_address" in outcome
+    # A job no offer fits says so, not that launching is paused.
+    unmatched = await prov.request(
+        "k", _spec(accelerator="tpu-v9"), lifecycles=("spot",)
+    )
+    assert unmatched.startswith("no-offer:")
     assert len(proxy.actions("RunInstances")) == 3
     events = await store.list_events(limit=100)
     assert "instance.launches-paused" in [e.kind for e in events]
