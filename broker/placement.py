@@ -7,6 +7,7 @@ for new jobs and for migrations.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -63,10 +64,31 @@ def hardware_key(infos: Iterable[pb.GpuInfo]) -> str:
     return ""
 
 
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def is_accelerator(info: pb.GpuInfo, accelerator: str) -> bool:
+    """Whether a GPU is of the model a job asks for with ``--accelerator``.
+
+    Every word of the request must be a word of the GPU's name: ``a100``
+    and ``a100-80gb`` match "NVIDIA A100-SXM4-80GB", ``l4`` matches
+    "NVIDIA L4" but not "NVIDIA L40S".
+    """
+    wanted = _words(accelerator)
+    return bool(wanted) and wanted <= _words(info.name)
+
+
 def fits(job: pb.JobSpec, host: Candidate) -> bool:
     """Whether the job may run on the host now."""
     if len(host.free_gpus) < max(job.gpus, 0):
         return False
+    if job.accelerator:
+        chosen = host.free_gpus[: max(job.gpus, 1)]
+        if not chosen or not all(
+            is_accelerator(host.gpu_infos[u], job.accelerator) for u in chosen
+        ):
+            return False
     for key, pattern in job.labels.items():
         if not fnmatch.fnmatchcase(host.labels.get(key, ""), pattern):
             return False

@@ -102,7 +102,8 @@ def jobs() -> None:
 @click.option(
     "--accelerator",
     default="",
-    help="GPU model a launched host must have, e.g. a10g, l4, a100.",
+    help="GPU model the job runs on, e.g. a10g, l4, a100, a100-80gb: connected "
+    "hosts whose GPU name has these words, and the offers launched for it.",
 )
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @admin_options

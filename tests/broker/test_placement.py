@@ -94,3 +94,21 @@ def test_hardware_accepts_the_key_the_agent_announced() -> None:
     assert fits(pb.JobSpec(gpus=1, hardware=base.key), host)
     other = dataclasses.replace(announced, product="NVIDIA L4")
     assert not fits(pb.JobSpec(gpus=1, hardware=other.key), host)
+
+
+def test_accelerator_matches_the_words_of_the_gpu_name() -> None:
+    """--accelerator keeps only hosts whose GPUs carry every word of it:
+    a100-80gb fits an A100 80GB, l4 does not fit an L40S."""
+    job = pb.JobSpec(gpus=1, accelerator="a100-80gb")
+    assert fits(job, _host("a", name="NVIDIA A100-SXM4-80GB"))
+    assert not fits(job, _host("b", name="NVIDIA A100-SXM4-40GB"))
+    assert not fits(
+        pb.JobSpec(gpus=1, accelerator="l4"), _host("c", name="NVIDIA L40S")
+    )
+    assert fits(pb.JobSpec(gpus=1, accelerator="l4"), _host("d", name="NVIDIA L4"))
+    chosen = choose_host(
+        pb.JobSpec(gpus=1, accelerator="a100"),
+        [_host("cheap-a10g", price=0.5), _host("a100", name="NVIDIA A100-SXM4-80GB")],
+    )
+    assert chosen is not None
+    assert chosen.host_id == "a100"
