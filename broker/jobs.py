@@ -67,6 +67,7 @@ class JobManager(PlacementMixin):
         self.restart_s = 900.0
         self._last_tick_s = 0.0
         self._switched_at: dict[str, float] = {}
+        self._stale_stopped: set[tuple[str, str, int]] = set()
         self._waiting_noted: dict[str, str] = {}
         self._in_tick = False
         self._tick_candidates: list[Candidate] | None = None
@@ -235,6 +236,8 @@ class JobManager(PlacementMixin):
         if record is None:
             return
         m = record.migration
+        if await self._stop_if_stale(record, host, update):
+            return
         if update.attempt != record.view.attempt:
             # A late word from an earlier attempt: only how far it got
             # matters, for the steps a fallback loses.
@@ -268,6 +271,49 @@ class JobManager(PlacementMixin):
             return
         await self._on_state(record, host, update)
 
+    async def _stop_if_stale(
+        self, record: JobRecord, host: HostState, update: pb.JobUpdate
+    ) -> bool:
+        """Stops a copy of the job that runs where the job no longer is.
+
+        A host that was lost and comes back may still run the attempt the
+        job had there, while the job has moved on (or ended). Two copies
+        would write the same checkpoints and hold two hosts' GPUs: the
+        returning host is told to stop it. The source of a migration under
+        way is left alone: it is being stopped already.
+        """
+        view = record.view
+        if update.state in ("succeeded", "failed", "stopped"):
+            return False
+        # The job's own host and a migration's source were sent their stop
+        # (cancel, migration) already.
+        m = record.migration
+        moving_from = m.get("from") if m else None
+        if host.host_id in (view.host_id, moving_from):
+            return False
+        ended = view.state in TERMINAL
+        key = (view.job_id, host.host_id, update.attempt)
+        if key in self._stale_stopped or host.outbox is None:
+            return True
+        self._stale_stopped.add(key)
+        where = "it has ended" if ended else f"it runs on {view.host_id or 'no host'}"
+        await self._send(
+            host,
+            pb.Command(
+                stop_job=pb.StopJob(
+                    job_id=view.job_id,
+                    term_timeout_s=STOP_TIMEOUT_S,
+                    reason="superseded",
+                )
+            ),
+        )
+        await self._note(
+            record,
+            "job.stale-copy-stopped",
+            f"attempt {update.attempt} still ran on {host.host_id}, but {where}",
+        )
+        return True
+
     async def _on_state(
         self, record: JobRecord, host: HostState, u: pb.JobUpdate
     ) -> None:
@@ -286,8 +332,18 @@ class JobManager(PlacementMixin):
             and restored
         ):
             reached = int(m.get("step_at_restore", m.get("step_at_start", -1)))
-            lost = max(0, reached - max(view.checkpoint_step, 0))
-            lost = lost if m.get("fallback") else 0
+            if not view.checkpoint_url:
+                # No checkpoint to resume from: the job started over.
+                lost = max(0, reached)
+                lost_text = (
+                    f"{lost} (started over: no checkpoint)"
+                    if reached >= 0
+                    else "unknown (started over: no checkpoint, no steps reported)"
+                )
+            else:
+                lost = max(0, reached - max(view.checkpoint_step, 0))
+                lost = lost if m.get("fallback") else 0
+                lost_text = str(lost)
             view.steps_lost += lost
             took = time.time() - float(m["started_at_s"])
             metrics = self.core.metrics
@@ -302,8 +358,7 @@ class JobManager(PlacementMixin):
             await self._note(
                 record,
                 "job.migrated",
-                f"to {host.host_id} in {took:.1f} s; steps lost "
-                f"{lost if m.get('fallback') else 0}",
+                f"to {host.host_id} in {took:.1f} s; steps lost {lost_text}",
             )
         elif u.state == "running" and view.state == "PENDING":
             view.state = "RUNNING"
@@ -716,6 +771,8 @@ def _no_fit(spec: pb.JobSpec) -> str:
         needs.append("labels " + ",".join(f"{k}={v}" for k, v in spec.labels.items()))
     if spec.hardware:
         needs.append(f"hardware {spec.hardware}")
+    if spec.accelerator:
+        needs.append(f"GPUs of model {spec.accelerator}")
     if spec.max_usd_per_hour:
         needs.append(f"at most {spec.max_usd_per_hour:g} USD/h")
     return "no connected host has " + ", ".join(needs)

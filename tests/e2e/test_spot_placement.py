@@ -307,3 +307,35 @@ async def test_a_job_from_a_lost_host_resumes_on_a_host_reporting_the_same_gpu(
     )
     await eventually(lambda: _running_on(broker, job_id, "i-second"), timeout_s=20)
     await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+
+
+async def test_a_host_back_from_lost_is_told_to_stop_the_copy_of_a_moved_job(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any
+) -> None:
+    """Jobs outlive their agent. When a lost host comes back with the job
+    that has since moved elsewhere still running, the broker stops that
+    copy, so that one job never runs twice."""
+    broker = await broker_factory(policy=POLICY)
+    (first,) = await _hosts(tmp_path, broker, agent_factory, {"i-first": False})
+    job_id = await _submit(broker, _spec())
+    await eventually(lambda: _running_on(broker, job_id, "i-first"))
+    await first.shutdown()
+    await _hosts(tmp_path, broker, agent_factory, {"i-second": False})
+    await eventually(lambda: _running_on(broker, job_id, "i-second"), timeout_s=30)
+    (back,) = await _hosts(
+        tmp_path, broker, agent_factory, {"i-first": False}, connected_after=2
+    )
+
+    async def stopped() -> bool:
+        kinds = [line.kind for line in (await _job(broker, job_id)).history]
+        return "job.stale-copy-stopped" in kinds
+
+    await eventually(stopped, timeout_s=20)
+
+    async def copy_gone() -> bool:
+        return all(u.state != "running" for u in back.agent.jobs.snapshot())
+
+    await eventually(copy_gone, timeout_s=30)
+    view = await _job(broker, job_id)
+    assert (view.state, view.host_id, view.attempt) == ("RUNNING", "i-second", 2)
+    await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
