@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from gpufleet.broker.spot_policy import POLICIES
+from gpufleet.errors import ConfigError
 from gpufleet.sim.engine import FleetSpec, simulate_fleet
 from gpufleet.sim.job import JobOutcome, JobPlan, make_track, simulate_job
 from gpufleet.sim.omniscient import omniscient
@@ -146,6 +147,8 @@ def _mean_sd(values: list[float]) -> str:
 def table3(folder: Path, samples: int, seed: int) -> None:
     """The paper's Table 3 set-up, each policy and the omniscient schedule."""
     traces = [t for t in load_traces(folder / TABLE3_DIR) if t.nodes == 1]
+    if not traces:
+        raise ConfigError(str(folder / TABLE3_DIR), ["holds no 1-node trace"])
     spec = FleetSpec(
         jobs=1,
         job_hours=48.0,
@@ -164,7 +167,14 @@ def table3(folder: Path, samples: int, seed: int) -> None:
     for trace in traces:
         avail = trace.availability(1)
         track = make_track(avail, [spec.spot_price] * len(avail))
-        starts = rng.sample(range(len(avail) - ticks + 1), samples)
+        points = len(avail) - ticks + 1
+        if points < 1:
+            raise ConfigError(
+                f"trace {trace.name}",
+                [f"{len(avail)} ticks, shorter than the 60 h deadline"],
+            )
+        # More samples than start points: every start point, once.
+        starts = rng.sample(range(points), min(samples, points))
         for name, policy in POLICIES.items():
             for start in starts:
                 plan = JobPlan(0, 0, 0.0, start, 0)
@@ -183,7 +193,7 @@ def table3(folder: Path, samples: int, seed: int) -> None:
         best_spot_h += (best.spot_s / 3600.0).tolist()
         best_od_h += (best.on_demand_s / 3600.0).tolist()
         means = [
-            statistics.fmean(o.cost_usd for o in outcomes[p][-samples:])
+            statistics.fmean(o.cost_usd for o in outcomes[p][-len(starts) :])
             for p in POLICIES
         ]
         means.append(statistics.fmean(best.cost.tolist()))
@@ -264,7 +274,7 @@ def table3(folder: Path, samples: int, seed: int) -> None:
     print("|---" * (len(POLICIES) + 2) + "|")
     print("\n".join(per_trace))
     print(
-        f"\n{len(traces) * samples} jobs x {len(POLICIES)} policies and the "
+        f"\n{len(best_cost)} jobs x {len(POLICIES)} policies and the "
         f"omniscient schedules: {elapsed:.1f} s\n"
     )
 
@@ -283,10 +293,21 @@ def main() -> None:
     )
     if folder is None:
         raise SystemExit("no trace folder: pass --traces DIR")
-    if args.only in (None, "fleet"):
-        fleet_tables(folder, args.hosts, args.per_trace_hosts)
-    if args.only in (None, "table3"):
-        table3(folder, args.samples, args.seed)
+    for flag, value in (
+        ("--hosts", args.hosts),
+        ("--per-trace-hosts", args.per_trace_hosts),
+        ("--samples", args.samples),
+    ):
+        if value < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {value}")
+    try:
+        if args.only in (None, "fleet"):
+            fleet_tables(folder, args.hosts, args.per_trace_hosts)
+        if args.only in (None, "table3"):
+            table3(folder, args.samples, args.seed)
+    except ConfigError as exc:
+        hint = f"\nhint: {exc.hint}" if exc.hint else ""
+        raise SystemExit(f"error: {exc}{hint}") from None
     print("### Published (Wu et al., NSDI '24)\n")
     print("| where | what |\n|---|---|")
     for where, what in PUBLISHED:
