@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
@@ -23,13 +24,53 @@ def console() -> Console:
     )
 
 
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _numbers(descriptor: Any, doc: dict[str, Any]) -> None:
+    """Turns the 64-bit integers that protobuf's JSON writes as strings back
+    into numbers, in place (a step of -1 is a number, as an attempt is)."""
+    for field in descriptor.fields:
+        value = doc.get(field.name)
+        if value is None:
+            continue
+        if field.type in _INT64:
+            doc[field.name] = (
+                [int(v) for v in value] if isinstance(value, list) else int(value)
+            )
+            continue
+        sub = field.message_type
+        if sub is None:
+            continue
+        if sub.GetOptions().map_entry:
+            inner = sub.fields_by_name["value"]
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if inner.type in _INT64:
+                        value[k] = int(v)
+                    elif inner.message_type is not None and isinstance(v, dict):
+                        _numbers(inner.message_type, v)
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                _numbers(sub, item)
+
+
 def to_dict(message: Message) -> dict[str, Any]:
     """A protobuf message as a dict with stable snake_case keys."""
-    return json_format.MessageToDict(
+    doc = json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
+    _numbers(message.DESCRIPTOR, doc)
+    return doc
 
 
 def print_json(document: Any) -> None:
