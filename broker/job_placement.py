@@ -75,12 +75,13 @@ class PlacementMixin:
             if view.state not in ("RUNNING", "CHECKPOINTING", "MIGRATING"):
                 continue
             host = self.core.fleet.hosts.get(view.host_id)
-            if view.state == "RUNNING":
-                view.run_seconds += dt
             if host is None or host.status != LIVE:
                 # A lost or disconnected host is no longer the job's: its
-                # instance is gone or stopped serving it.
+                # instance is gone or stopped serving it. Its run time stops
+                # too: the policies count it as progress, which is not known.
                 continue
+            if view.state == "RUNNING":
+                view.run_seconds += dt
             # The host is paid for while the job checkpoints and restores too.
             view.cost_usd += dt / 3600.0 * self._price(host)
             if view.state != "RUNNING":
