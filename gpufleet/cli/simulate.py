@@ -29,6 +29,7 @@ from gpufleet.sim.report import (
     write_plot,
 )
 from gpufleet.sim.traces import (
+    SpotTrace,
     default_activity_file,
     default_traces_dir,
     load_activity,
@@ -50,6 +51,21 @@ def _traces_dir(given: Path | None) -> Path:
             hint="pass --traces DIR, a folder of SkyPilot spot traces (*.json)",
         )
     return found
+
+
+def _price_cap_note(traces: list[SpotTrace], spec: FleetSpec) -> str | None:
+    """A warning when --max-price leaves no spot at all: the table would show
+    every policy on on-demand without saying why."""
+    cap = spec.max_spot_price
+    if cap is None:
+        return None
+    lowest = min(min(t.prices) if t.prices else spec.spot_price for t in traces)
+    if lowest <= cap:
+        return None
+    return (
+        f"--max-price {cap:g} is below every spot price of the traces (the "
+        f"lowest is {lowest:g} USD/h): no policy gets spot"
+    )
 
 
 @click.command("simulate")
@@ -217,6 +233,9 @@ def simulate(
         check_plotting()  # before the run, not after it
 
     traces = load_traces(_traces_dir(traces_dir))
+    cap_note = _price_cap_note(traces, spec)
+    if cap_note:
+        click.echo(f"warning: {cap_note}", err=True)
     activity_file = activity if activity is not None else default_activity_file()
     shapes = load_activity(activity_file) if activity_file is not None else None
     started = time.perf_counter()

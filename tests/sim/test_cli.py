@@ -266,3 +266,15 @@ def test_plot_says_where_it_was_written(traces: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert f"plot written to {out}" in result.stderr
     json.loads(result.stdout)
+
+
+def test_a_price_cap_under_every_spot_price_is_said(traces: Path) -> None:
+    """--max-price below every spot price leaves no spot: a warning says so
+    rather than a table of identical rows with no reason."""
+    common = ["--traces", str(traces), "--jobs", "2", "--days", "5"]
+    common += ["--job-hours", "4", "--slack", "2", "--spot-price", "0.9"]
+    result = CliRunner().invoke(simulate, [*common, "--max-price", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "--max-price 0.5 is below every spot price" in result.output
+    result = CliRunner().invoke(simulate, [*common, "--max-price", "1.0"])
+    assert "below every spot price" not in result.output
