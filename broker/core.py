@@ -333,6 +333,11 @@ class BrokerCore:
             await self.reaper.command_finished(  # type: ignore[attr-defined]
                 host, record.action_id, state, result.detail
             )
+        if record.kind == "start_job" and state != "done" and self.jobs is not None:
+            start = pb.Command.FromString(record.payload).start_job
+            await self.jobs.start_failed(
+                host, start.job_id, start.attempt, state, result.detail
+            )
 
     # -------------------------------------------------------------- policy
 

@@ -429,6 +429,28 @@ class JobManager(PlacementMixin):
                 ident.provider, ident.region, ident.zone, ident.instance_type
             )
 
+    async def start_failed(
+        self, host: HostState, job_id: str, attempt: int, state: str, detail: str
+    ) -> None:
+        """The agent could not start the job (its program cannot run, or the
+        agent refused the start). A new job fails with the agent's reason; a
+        job that was moving tries its next host."""
+        record = self.jobs.get(job_id)
+        if record is None:
+            return
+        view = record.view
+        if view.attempt != attempt or view.host_id != host.host_id:
+            return  # an older attempt's answer
+        m = record.migration
+        text = f"attempt {attempt} on {host.host_id} {state}: {detail}"
+        if view.state == "PENDING":
+            view.state = "FAILED"
+            await self._note(record, "job.start-failed", text)
+        elif view.state == "MIGRATING" and m and m.get("phase") == "restoring":
+            await self._note(record, "job.start-failed", text)
+            m["phase"] = "restore"
+            await self.drive(record)
+
     async def host_gone(self, host: HostState) -> None:
         """A host was lost: its jobs resume elsewhere from their checkpoints."""
         for record in list(self.jobs.values()):

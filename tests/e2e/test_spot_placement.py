@@ -340,3 +340,23 @@ async def test_a_host_back_from_lost_is_told_to_stop_the_copy_of_a_moved_job(
     view = await _job(broker, job_id)
     assert (view.state, view.host_id, view.attempt) == ("RUNNING", "i-second", 2)
     await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
+
+
+async def test_a_job_whose_program_cannot_start_fails_with_the_agents_reason(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any
+) -> None:
+    """A start the agent cannot carry out ends the job with the reason in its
+    history, rather than leaving it PENDING on that host for good."""
+    broker = await broker_factory(policy=POLICY)
+    await _hosts(tmp_path, broker, agent_factory, {"i-od": False})
+    job_id = await _submit(
+        broker, pb.JobSpec(name="nf", gpus=1, argv=[str(tmp_path / "no-such-prog")])
+    )
+
+    async def failed() -> bool:
+        return (await _job(broker, job_id)).state == "FAILED"
+
+    await eventually(failed, timeout_s=20)
+    history = {h.kind: h.detail for h in (await _job(broker, job_id)).history}
+    assert "attempt 1 on i-od failed" in history["job.start-failed"]
+    assert "no-such-prog" in history["job.start-failed"]
