@@ -665,8 +665,11 @@ class JobManager(PlacementMixin):
         if self.provisioner is None:
             return candidates
         reserved = self.provisioner.reservations()
+        going = self.provisioner.going()
         out = []
         for c in candidates:
+            if c.host_id in going:
+                continue
             # A host launched for a job waits for it while it needs one.
             owner = reserved.get(c.host_id, "")
             if owner and owner != job_id and self._needs_host(owner):

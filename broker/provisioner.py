@@ -180,6 +180,15 @@ class Provisioner:
             if v.state == st.ENROLLED and v.host_id
         }
 
+    def going(self) -> set[str]:
+        """Host ids of launched instances being or already terminated: no
+        job may start there, though their agent may still be connected."""
+        return {
+            v.host_id
+            for v in self.instances.values()
+            if v.host_id and v.state in (st.RELEASING, *st.DONE_STATES)
+        }
+
     def reserved_for(self, host_id: str) -> str:
         """The job an enrolled launched host was started for, or ""."""
         for view in self.instances.values():

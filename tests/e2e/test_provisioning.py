@@ -144,6 +144,12 @@ async def test_a_job_with_no_host_runs_on_a_launched_spot_instance_then_it_is_re
             "instance.enrolled",
             "instance.released",
         ]
+        # Its agent is still connected (the machine is not stopped here),
+        # but a terminated instance takes no new job.
+        second = await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+        await asyncio.sleep(3.0)
+        again = await _job(broker, second.job_id)
+        assert again.host_id != launched.instance_id
     finally:
         machine.kill()
 
