@@ -87,7 +87,7 @@ class PlacementMixin:
             if view.state != "RUNNING":
                 continue
             ident = host.identity
-            if self.catalog is not None and ident.spot and ident.provider:
+            if self.catalog is not None and self._is_spot(host) and ident.provider:
                 self.catalog.note_hours(
                     ident.provider,
                     ident.region,
@@ -95,6 +95,15 @@ class PlacementMixin:
                     ident.instance_type,
                     dt / 3600.0,
                 )
+
+    def _is_spot(self: JobManager, host: HostState) -> bool:
+        """Whether a host is spot: as launched, for a host the broker
+        launched; as its metadata says, for any other."""
+        if self.provisioner is not None:
+            launched = self.provisioner.lifecycle_of(host.host_id)
+            if launched is not None:
+                return launched == "spot"
+        return host.identity.spot
 
     def _price(self: JobManager, host: HostState) -> float:
         ident = host.identity
@@ -104,7 +113,7 @@ class PlacementMixin:
                 ident.region,
                 ident.zone,
                 ident.instance_type,
-                "spot" if ident.spot else "on-demand",
+                "spot" if self._is_spot(host) else "on-demand",
             )
             if offer is not None:
                 return float(offer.usd_per_hour)
@@ -179,7 +188,7 @@ class PlacementMixin:
                 job_policy.MIN_SWITCH_INTERVAL_S
             ):
                 continue
-            current = job_policy.choice_of(host.identity.spot)
+            current = job_policy.choice_of(self._is_spot(host))
             choice, _ = self._choose(record, current)
             if choice in (current, Choice.WAIT):
                 continue

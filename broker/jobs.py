@@ -700,7 +700,7 @@ class JobManager(PlacementMixin):
                 Candidate(
                     host_id=h.host_id,
                     zone=h.identity.zone,
-                    spot=h.identity.spot,
+                    spot=self._is_spot(h),
                     usd_per_hour=self._price(h),
                     labels=h.labels,
                     free_gpus=free,

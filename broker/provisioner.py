@@ -132,6 +132,7 @@ class Provisioner:
         self._spot_failed: dict[str, float] = {}
         # Enrolled instances a job has run on: no longer waiting for their job.
         self._used: set[str] = set()
+        self._lifecycles: dict[str, str] | None = None
         self._release_retry_at: dict[str, float] = {}
         # Instances in a row whose agent never enrolled, and the pause of
         # launching that follows.
@@ -179,6 +180,18 @@ class Provisioner:
             for v in self.instances.values()
             if v.state == st.ENROLLED and v.host_id
         }
+
+    def lifecycle_of(self, host_id: str) -> str | None:
+        """The lifecycle the broker launched a host with ("spot" or
+        "on-demand"), or None for a host it did not launch."""
+        if self._lifecycles is None:
+            # Asked for every host on every tick: kept until a record changes.
+            self._lifecycles = {
+                v.host_id: v.lifecycle
+                for v in self.instances.values()
+                if v.host_id and v.lifecycle and v.state in st.LIVE_STATES
+            }
+        return self._lifecycles.get(host_id)
 
     def going(self) -> set[str]:
         """Host ids of launched instances being or already terminated: no
@@ -567,6 +580,7 @@ class Provisioner:
             ).inc()
 
     async def _set(self, view: pb.LaunchedInstance, state: str, detail: str) -> None:
+        self._lifecycles = None
         view.state = state
         view.detail = detail[:500]
         view.updated_at_s = self._clock()
@@ -660,6 +674,24 @@ class Provisioner:
         self._never_enrolled = 0
         self._paused_until_s = 0.0
         view.host_id = host.host_id
+        said = "spot" if host.identity.spot else "on-demand"
+        if view.lifecycle and said != view.lifecycle:
+            # What the broker launched (and pays for) wins over what the
+            # host's metadata says; the difference is worth a look.
+            log.warning(
+                "instance.lifecycle_mismatch",
+                launch_id=view.launch_id,
+                launched=view.lifecycle,
+                metadata=said,
+            )
+            await self._events.emit(
+                "instance.lifecycle-mismatch",
+                host_id=host.host_id,
+                cause=view.job_id,
+                launch_id=view.launch_id,
+                detail=f"launched {view.lifecycle}, its metadata says {said}; "
+                f"placement and cost use {view.lifecycle}",
+            )
         await self._set(view, st.ENROLLED, f"agent {host.host_id} enrolled")
         await self._events.emit(
             "instance.enrolled",

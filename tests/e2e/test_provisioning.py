@@ -300,3 +300,39 @@ async def test_when_no_zone_has_spot_capacity_the_job_gets_on_demand(
         ]
         assert ("job.provisioning", "launching") in history
         await broker.admin().call("CancelJob", pb.JobRequest(job_id=view.job_id))
+
+
+async def test_a_launch_keeps_its_lifecycle_whatever_its_metadata_says(
+    tmp_path: Path,
+    moto_ec2_url: str,  # noqa: F811
+    broker_factory: Any,
+) -> None:
+    """A spot launch whose metadata says on-demand is placed and charged as
+    the spot instance the broker bought, and the mismatch is an event."""
+    port = _free_port()
+    broker = await broker_factory(**_settings(moto_ec2_url, port))
+    spec = pb.JobSpec(
+        name="train",
+        argv=[sys.executable, str(COUNTER_JOB), "100000"],
+        gpus=1,
+        policy="gpufleet",
+    )
+    view = await broker.admin().call("SubmitJob", pb.SubmitJobRequest(spec=spec))
+    launched = await _booting(broker, set())
+    assert launched.lifecycle == "spot"
+    machine = await asyncio.to_thread(
+        boot, moto_ec2_url, REGION, launched, tmp_path / "vm1", spot=False
+    )
+    try:
+
+        async def running() -> bool:
+            return (await _job(broker, view.job_id)).state == "RUNNING"
+
+        await eventually(running, timeout_s=60)
+        job = await _job(broker, view.job_id)
+        assert (job.host_id, job.lifecycle) == (launched.instance_id, "spot")
+        [event] = await events_of(broker, "instance.lifecycle-mismatch")
+        assert "launched spot, its metadata says on-demand" in event.data_json
+        await broker.admin().call("CancelJob", pb.JobRequest(job_id=view.job_id))
+    finally:
+        machine.kill()
