@@ -39,6 +39,8 @@ log = structlog.stdlib.get_logger(__name__)
 # The label a launched agent carries (written by its startup script); the
 # broker matches it to the launch record.
 LAUNCH_LABEL = "gpufleet.launch-id"
+# How long a zone where a launched instance got a notice is left out.
+NOTICED_ZONE_S = 600.0
 # A host of a launched instance that is not connected for this long is
 # taken as gone (a reclaimed spot instance, a crashed machine) and released.
 LOST_RELEASE_S = 120.0
@@ -133,6 +135,8 @@ class Provisioner:
         # Enrolled instances a job has run on: no longer waiting for their job.
         self._used: set[str] = set()
         self._lifecycles: dict[str, str] | None = None
+        # Zones where a launched instance was announced for reclaiming, when.
+        self._noticed_zones: dict[str, float] = {}
         self._release_retry_at: dict[str, float] = {}
         # Instances in a row whose agent never enrolled, and the pause of
         # launching that follows.
@@ -303,15 +307,30 @@ class Provisioner:
     def _offers(self, w: _Wanted) -> list[Any]:
         if not w.lifecycles:
             return []
-        ranked = self.catalog.rank(
-            self.catalog.offers(),
-            gpus=max(w.spec.gpus, 1),
-            accelerator=w.spec.accelerator,
-            lifecycles=w.lifecycles,
-            max_usd_per_hour=w.spec.max_usd_per_hour,
-            avoid_zones=(w.avoid_zone,) if w.avoid_zone else (),
-            providers=self._providers(),
-        )
+        avoid = {w.avoid_zone} - {""}
+        now = self._clock()
+        noticed = {
+            zone
+            for zone, at in self._noticed_zones.items()
+            if now - at < NOTICED_ZONE_S
+        }
+
+        def rank(avoid_zones: set[str]) -> list[tuple[float, Any]]:
+            return self.catalog.rank(
+                self.catalog.offers(),
+                gpus=max(w.spec.gpus, 1),
+                accelerator=w.spec.accelerator,
+                lifecycles=w.lifecycles,
+                max_usd_per_hour=w.spec.max_usd_per_hour,
+                avoid_zones=avoid_zones,
+                providers=self._providers(),
+            )
+
+        # Zones where a launched instance was just announced for reclaiming
+        # are left out while any other zone has an offer.
+        ranked = rank(avoid | noticed) if self.cfg.avoid_preempted_zone else []
+        if not ranked:
+            ranked = rank(avoid)
         # Spot before on-demand when both are allowed: the order of
         # ``lifecycles`` is the policy's preference, the score ranks within.
         order = {lc: i for i, lc in enumerate(w.lifecycles)}
@@ -752,6 +771,13 @@ class Provisioner:
         if busy(view.host_id):
             self._idle_since.pop(view.launch_id, None)
             self._used.add(view.launch_id)
+            return
+        if host.leaving:
+            # The cloud announced it takes the instance back and no job runs
+            # there: it is of no use, and its zone is left out for a while.
+            if view.zone:
+                self._noticed_zones[view.zone] = now
+            await self.release(view, "its cloud announced it will take it back")
             return
         idle = self._idle_since.setdefault(view.launch_id, now)
         if now - idle > self.cfg.idle_release_s:

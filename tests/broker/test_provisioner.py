@@ -465,3 +465,28 @@ async def test_launches_pause_when_instances_keep_failing_to_enroll(
     clock.now += 61
     assert await prov.request("j", _spec(), lifecycles=("spot",)) == "launching"
     await _launched(prov, tasks)
+
+
+async def test_a_launched_host_noticed_before_a_job_ran_is_released_zone_skipped(
+    proxy: Ec2FaultProxy, store: Store
+) -> None:
+    """A launched instance whose cloud announces reclaiming it while no job
+    runs there is terminated at once, not after idle_release_s, and the next
+    launch goes to another zone for a while."""
+    catalog = await _catalog(proxy.url)
+    clock = Clock()
+    prov, tasks = _provisioner(proxy.url, catalog, store, clock)
+    await prov.request("j", _spec(), lifecycles=("spot",))
+    await _launched(prov, tasks)
+    [first] = prov.live()
+    host = _host(first)
+    await prov.tick({host.host_id: host}, lambda h: False)
+    assert first.state == st.ENROLLED
+    host.leaving = True
+    await prov.tick({host.host_id: host}, lambda h: False)
+    assert first.state == st.RELEASED
+    assert "announced it will take it back" in first.detail
+    await prov.request("j", _spec(), lifecycles=("spot",))
+    await _launched(prov, tasks)
+    [second] = prov.live()
+    assert second.zone != first.zone
