@@ -358,7 +358,7 @@ class Provisioner:
         if w.spec.accelerator:
             parts.append(f"accelerator {w.spec.accelerator}")
         if w.spec.max_usd_per_hour:
-            parts.append(f"at most {w.spec.max_usd_per_hour:.2f} USD/h")
+            parts.append(f"at most {w.spec.max_usd_per_hour:g} USD/h")
         if w.avoid_zone:
             parts.append(f"outside {w.avoid_zone}")
         asked = ", ".join(parts)

@@ -242,8 +242,13 @@ async def test_provisioner_explains_why_no_offer_fits(
     )
     assert outcome.startswith("no-offer")
     assert "accelerator h100" in outcome
-    assert "0.50 USD/h" in outcome
+    assert "at most 0.5 USD/h" in outcome
     assert proxy.actions("RunInstances") == []
+    tiny = await prov.request(
+        "train-6", _spec(max_usd_per_hour=1e-9), lifecycles=("spot",)
+    )
+    # Not "0.00", which would read as no limit.
+    assert "at most 1e-09 USD/h" in tiny
 
 
 async def test_provisioner_respects_the_instance_limit(
