@@ -29,9 +29,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["OmniscientResult", "omniscient"]
+__all__ = ["MAX_TABLE_CELLS", "OmniscientResult", "omniscient"]
 
 _NONE, _SPOT, _OD = 0, 1, 2
+
+# Rows times progress units per row. The programme keeps about 30 float
+# arrays of that size alive at once (values, held times and the options of
+# one tick), some 250 bytes a cell: this bound keeps it near 1 GiB. The
+# Table 3 set-up (48 h of work in 120 s units) takes about 1,450 a row.
+MAX_TABLE_CELLS = 4_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +52,17 @@ class OmniscientResult:
     cost: np.ndarray
     spot_s: np.ndarray
     on_demand_s: np.ndarray
+
+
+def _argument_problems(**values: float) -> list[str]:
+    """Every argument out of its range, each named."""
+    found = []
+    for name, value in values.items():
+        positive = name in ("gap_s", "work_s", "deadline_s")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            need = "greater than 0" if positive else "at least 0"
+            found.append(f"{name} must be finite and {need}, got {value}")
+    return found
 
 
 def _unit_s(gap_s: float, restart_s: float) -> int:
@@ -96,13 +113,30 @@ def omniscient(
             whole seconds.
         spot_price, on_demand_price: per hour.
 
+    Returns:
+        Per row, the least cost and the seconds held on each kind; ``inf``
+        cost and nothing held where no schedule meets the deadline (for
+        every row at once when the work and one changeover do not fit in
+        the deadline's whole ticks, without building the table).
+
     Raises:
-        ValueError: the trace is too short for the deadline, or the times
-            are not whole seconds.
+        ValueError: an argument is not finite or out of range (each named),
+            the trace is too short for the deadline, the times are not
+            whole seconds, or the table would pass ``MAX_TABLE_CELLS``.
     """
     avail = np.asarray(avail, dtype=bool)
     if avail.ndim != 2:
         raise ValueError("avail must have one row per start point")
+    problems = _argument_problems(
+        gap_s=gap_s,
+        work_s=work_s,
+        deadline_s=deadline_s,
+        restart_s=restart_s,
+        spot_price=spot_price,
+        on_demand_price=on_demand_price,
+    )
+    if problems:
+        raise ValueError("; ".join(problems))
     unit = _unit_s(gap_s, restart_s)
     g = round(gap_s) // unit
     d = round(restart_s) // unit
@@ -111,8 +145,27 @@ def omniscient(
     if avail.shape[1] < ticks:
         raise ValueError(f"{avail.shape[1]} ticks of trace, the deadline needs {ticks}")
     rows = avail.shape[0]
+    if w + d > ticks * g:
+        # Even on-demand from the first tick, one changeover and no stop,
+        # ends after the deadline; any other schedule ends later still.
+        return OmniscientResult(
+            cost=np.full(rows, np.inf),
+            spot_s=np.zeros(rows),
+            on_demand_s=np.zeros(rows),
+        )
     # Progress p runs from -d (a changeover just began) to w (done); index p + d.
     size = w + d + 1
+    if rows * size > MAX_TABLE_CELLS:
+        fix = (
+            "pass fewer rows at a time"
+            if size <= MAX_TABLE_CELLS
+            else "use a tick and changeover with a larger common divisor"
+        )
+        raise ValueError(
+            f"the progress table would hold {rows} rows x {size} units of "
+            f"{unit} s (work_s {work_s:g} plus restart_s {restart_s:g}), over "
+            f"the {MAX_TABLE_CELLS:,} cells that keep it near 1 GiB: {fix}"
+        )
     p = np.arange(size) - d
     done = p >= w
     price_s = {_SPOT: spot_price / 3600.0, _OD: on_demand_price / 3600.0}

@@ -138,3 +138,83 @@ def test_times_that_are_not_whole_seconds_are_refused() -> None:
 def test_a_trace_shorter_than_the_deadline_is_refused() -> None:
     with pytest.raises(ValueError, match="ticks of trace"):
         solve([[True] * 4], 600, 600, 60, 6)
+
+
+TABLE3 = {
+    "gap_s": 600.0,
+    "work_s": 48 * 3600.0,
+    "deadline_s": 60 * 3600.0,
+    "restart_s": 720.0,
+    "spot_price": SPOT,
+    "on_demand_price": OD,
+}
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("restart_s", -600.0),
+        ("restart_s", math.nan),
+        ("spot_price", math.nan),
+        ("spot_price", -0.5),
+        ("on_demand_price", math.inf),
+        ("on_demand_price", -1.0),
+        ("deadline_s", math.nan),
+        ("deadline_s", math.inf),
+        ("deadline_s", 0.0),
+        ("work_s", math.nan),
+        ("work_s", math.inf),
+        ("work_s", -1.0),
+        ("work_s", 0.0),
+        ("gap_s", math.inf),
+        ("gap_s", math.nan),
+    ],
+)
+def test_out_of_range_arguments_are_refused_by_name(
+    argument: str, value: float
+) -> None:
+    """Each bad argument raises a ValueError naming it, not a math error."""
+    args = {**TABLE3, argument: value}
+    with pytest.raises(ValueError, match=f"^{argument} must be finite"):
+        omniscient(np.ones((1, 360), dtype=bool), **args)
+
+
+def test_every_bad_argument_is_reported_at_once() -> None:
+    """Two bad arguments, one error naming both."""
+    args = {**TABLE3, "restart_s": -1.0, "spot_price": math.nan}
+    with pytest.raises(ValueError, match=r"restart_s.*; spot_price"):
+        omniscient(np.ones((1, 360), dtype=bool), **args)
+
+
+def test_work_past_the_deadline_returns_inf_without_building_the_table() -> None:
+    """1e9 s of work in a 60 h deadline: every row inf, nothing held, at once."""
+    args = {**TABLE3, "work_s": 1e9}
+    # A table of this many rows would be refused as too big: the answer comes
+    # before it is sized.
+    result = omniscient(np.ones((100_000, 360), dtype=bool), **args)
+    assert np.isinf(result.cost).all()
+    assert not result.spot_s.any()
+    assert not result.on_demand_s.any()
+
+
+def test_work_plus_changeover_just_past_the_deadline_has_no_schedule() -> None:
+    """Work filling the deadline misses by the changeover; 120 s less fits."""
+    rows = [[True] * 10, [False] * 10]
+    assert np.isinf(solve(rows, 600, 6000, 120, 10).cost).all()
+    fits = solve(rows, 600, 5880, 120, 10)
+    assert fits.cost == pytest.approx([SPOT * 6000 / 3600, OD * 6000 / 3600])
+
+
+def test_a_table_too_big_for_memory_is_refused() -> None:
+    """5,000 Table 3 start points at once would take about 2 GiB."""
+    with pytest.raises(ValueError, match="pass fewer rows at a time"):
+        omniscient(np.ones((5_000, 360), dtype=bool), **TABLE3)
+
+
+def test_a_row_too_big_for_memory_is_refused() -> None:
+    """A 1 s changeover makes 1 s progress units: 60 days of work pass the bound."""
+    args = {**TABLE3, "restart_s": 1.0, "work_s": 48 * 3600.0 * 30}
+    args["deadline_s"] = 2 * args["work_s"]
+    ticks = int(args["deadline_s"] / args["gap_s"])
+    with pytest.raises(ValueError, match="larger common divisor"):
+        omniscient(np.ones((1, ticks), dtype=bool), **args)
