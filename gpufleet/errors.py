@@ -56,8 +56,7 @@ class BrokerTimeoutError(BrokerUnavailableError):
             "not there, or busy",
         )
         self.hint = (
-            "check that 'gpufleet broker serve' runs there, or pass a longer "
-            "--timeout"
+            "check that 'gpufleet broker serve' runs there, or pass a longer --timeout"
         )
 
 
