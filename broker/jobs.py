@@ -132,14 +132,7 @@ class JobManager(PlacementMixin):
         view.state = "CANCELLED"
         record.migration = None
         if host is not None:
-            await self._send(
-                host,
-                pb.Command(
-                    stop_job=pb.StopJob(
-                        job_id=job_id, term_timeout_s=STOP_TIMEOUT_S, reason="cancelled"
-                    )
-                ),
-            )
+            await self._stop(host, job_id, "cancelled")
         await self._note(record, "job.cancelled", "by admin")
         return view
 
@@ -297,16 +290,7 @@ class JobManager(PlacementMixin):
             return True
         self._stale_stopped.add(key)
         where = "it has ended" if ended else f"it runs on {view.host_id or 'no host'}"
-        await self._send(
-            host,
-            pb.Command(
-                stop_job=pb.StopJob(
-                    job_id=view.job_id,
-                    term_timeout_s=STOP_TIMEOUT_S,
-                    reason="superseded",
-                )
-            ),
-        )
+        await self._stop(host, view.job_id, "superseded")
         await self._note(
             record,
             "job.stale-copy-stopped",
@@ -530,16 +514,7 @@ class JobManager(PlacementMixin):
         source = self.core.fleet.hosts.get(m["from"])
         if source is not None and source.outbox is not None and not m.get("stopped"):
             m["stopped"] = True
-            await self._send(
-                source,
-                pb.Command(
-                    stop_job=pb.StopJob(
-                        job_id=view.job_id,
-                        term_timeout_s=STOP_TIMEOUT_S,
-                        reason="migrated",
-                    )
-                ),
-            )
+            await self._stop(source, view.job_id, "migrated")
         exclude = frozenset({m["from"], *m["tried"]})
         prefer = (
             hardware_key(
@@ -739,6 +714,11 @@ class JobManager(PlacementMixin):
             f"attempt {view.attempt} on {target.host_id}"
             + (f" from {resume_from}" if resume_from else ""),
         )
+
+    async def _stop(self, host: HostState, job_id: str, reason: str) -> None:
+        """Asks a host to stop its process of the job (SIGTERM, then SIGKILL)."""
+        stop = pb.StopJob(job_id=job_id, term_timeout_s=STOP_TIMEOUT_S, reason=reason)
+        await self._send(host, pb.Command(stop_job=stop))
 
     async def _send(self, host: HostState, command: pb.Command) -> None:
         command.command_id = uuid.uuid4().hex[:16]
