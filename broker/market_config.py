@@ -6,9 +6,10 @@ reference for every field.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gpufleet.config import range_problem
 
 # GCP publishes no preemption rate for spot VMs. One interruption in about
 # 50 hours is an assumption, not a measurement: the broker's own observations
@@ -25,40 +26,6 @@ MAX_STALE_AFTER_S = 30 * 86400.0
 MAX_RISK_WEIGHT = 1000.0
 # About eleven years of evidence: no observation would move the prior.
 MAX_PRIOR_HOURS = 100_000.0
-
-
-def range_problem(
-    name: str,
-    value: float,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> str | None:
-    """``NAME: must be ... in [LOW, HIGH], got VALUE``, or None when it is.
-
-    NaN and infinities are refused: every comparison with NaN is false, so a
-    check like ``value < 0`` alone would let ``.nan`` through.
-
-    Args:
-        low_open, high_open: True when the bound itself is not allowed.
-    """
-    finite = isinstance(value, int) or math.isfinite(value)
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if finite and above and below:
-        return None
-    kind = "a whole number" if isinstance(value, int) else "a finite number"
-    return (
-        f"{name}: must be {kind} in {'(' if low_open else '['}{_show(low)}, "
-        f"{_show(high)}{')' if high_open else ']'}, got {value}"
-    )
-
-
-def _show(number: float) -> str:
-    """86400 rather than 86400.0 or 8.64e+04."""
-    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 @dataclass

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpufleet.broker.market_config import range_problem
-from gpufleet.config import require
+from gpufleet.config import range_problem, require
 
 # Booting takes about a minute on EC2 and GCE before the startup script even
 # runs; a shorter enroll timeout terminates every instance it launches.

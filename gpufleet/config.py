@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -230,3 +231,37 @@ def require(problems: list[str], ok: bool, message: str) -> None:
     """Adds ``message`` to ``problems`` unless ``ok``."""
     if not ok:
         problems.append(message)
+
+
+def range_problem(
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str | None:
+    """``NAME: must be ... in [LOW, HIGH], got VALUE``, or None when it is.
+
+    NaN and infinities are refused: every comparison with NaN is false, so a
+    check like ``value < 0`` alone would let ``.nan`` through.
+
+    Args:
+        low_open, high_open: True when the bound itself is not allowed.
+    """
+    finite = isinstance(value, int) or math.isfinite(value)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if finite and above and below:
+        return None
+    kind = "a whole number" if isinstance(value, int) else "a finite number"
+    return (
+        f"{name}: must be {kind} in {'(' if low_open else '['}{_show(low)}, "
+        f"{_show(high)}{')' if high_open else ']'}, got {value}"
+    )
+
+
+def _show(number: float) -> str:
+    """86400 rather than 86400.0 or 8.64e+04."""
+    return str(int(number)) if float(number).is_integer() else str(number)
