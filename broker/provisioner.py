@@ -80,6 +80,15 @@ class _Failure:
     stop: bool
 
 
+@dataclass(frozen=True)
+class _HostIndex:
+    """Launched hosts by host id: the lifecycle each was launched with (live
+    ones), and those being or already terminated."""
+
+    lifecycles: dict[str, str]
+    going: frozenset[str]
+
+
 class ProvisionError(GpufleetError):
     """A launch could not be asked for; the message says why."""
 
@@ -134,7 +143,7 @@ class Provisioner:
         self._spot_failed: dict[str, float] = {}
         # Enrolled instances a job has run on: no longer waiting for their job.
         self._used: set[str] = set()
-        self._lifecycles: dict[str, str] | None = None
+        self._index: _HostIndex | None = None
         # Zones where a launched instance was announced for reclaiming, when.
         self._noticed_zones: dict[str, float] = {}
         self._release_retry_at: dict[str, float] = {}
@@ -185,26 +194,31 @@ class Provisioner:
             if v.state == st.ENROLLED and v.host_id
         }
 
+    def _host_index(self) -> _HostIndex:
+        """What placement asks of launched hosts on every tick, for every
+        host: worked out once and kept until a record changes (``_set``)."""
+        if self._index is None:
+            lifecycles: dict[str, str] = {}
+            going: set[str] = set()
+            for v in self.instances.values():
+                if not v.host_id:
+                    continue
+                if v.state in (st.RELEASING, *st.DONE_STATES):
+                    going.add(v.host_id)
+                if v.lifecycle and v.state in st.LIVE_STATES:
+                    lifecycles[v.host_id] = v.lifecycle
+            self._index = _HostIndex(lifecycles, frozenset(going))
+        return self._index
+
     def lifecycle_of(self, host_id: str) -> str | None:
         """The lifecycle the broker launched a host with ("spot" or
         "on-demand"), or None for a host it did not launch."""
-        if self._lifecycles is None:
-            # Asked for every host on every tick: kept until a record changes.
-            self._lifecycles = {
-                v.host_id: v.lifecycle
-                for v in self.instances.values()
-                if v.host_id and v.lifecycle and v.state in st.LIVE_STATES
-            }
-        return self._lifecycles.get(host_id)
+        return self._host_index().lifecycles.get(host_id)
 
-    def going(self) -> set[str]:
+    def going(self) -> frozenset[str]:
         """Host ids of launched instances being or already terminated: no
         job may start there, though their agent may still be connected."""
-        return {
-            v.host_id
-            for v in self.instances.values()
-            if v.host_id and v.state in (st.RELEASING, *st.DONE_STATES)
-        }
+        return self._host_index().going
 
     def reserved_for(self, host_id: str) -> str:
         """The job an enrolled launched host was started for, or ""."""
@@ -315,22 +329,16 @@ class Provisioner:
             if now - at < NOTICED_ZONE_S
         }
 
-        def rank(avoid_zones: set[str]) -> list[tuple[float, Any]]:
-            return self.catalog.rank(
-                self.catalog.offers(),
-                gpus=max(w.spec.gpus, 1),
-                accelerator=w.spec.accelerator,
-                lifecycles=w.lifecycles,
-                max_usd_per_hour=w.spec.max_usd_per_hour,
-                avoid_zones=avoid_zones,
-                providers=self._providers(),
-            )
-
+        providers = self._providers()
         # Zones where a launched instance was just announced for reclaiming
         # are left out while any other zone has an offer.
-        ranked = rank(avoid | noticed) if self.cfg.avoid_preempted_zone else []
+        ranked = (
+            self._rank(w, avoid | noticed, providers)
+            if self.cfg.avoid_preempted_zone
+            else []
+        )
         if not ranked:
-            ranked = rank(avoid)
+            ranked = self._rank(w, avoid, providers)
         # Spot before on-demand when both are allowed: the order of
         # ``lifecycles`` is the policy's preference, the score ranks within.
         order = {lc: i for i, lc in enumerate(w.lifecycles)}
@@ -351,6 +359,21 @@ class Provisioner:
             return offer.region in self.cfg.aws.images
         return offer.provider == "gcp" and bool(offer.zone)
 
+    def _rank(
+        self, w: _Wanted, avoid_zones: set[str], providers: Iterable[str] = ()
+    ) -> list[tuple[float, Any]]:
+        """The catalog's offers that suit the request, best first; every
+        cloud's unless ``providers`` names some."""
+        return self.catalog.rank(
+            self.catalog.offers(),
+            gpus=max(w.spec.gpus, 1),
+            accelerator=w.spec.accelerator,
+            lifecycles=w.lifecycles,
+            max_usd_per_hour=w.spec.max_usd_per_hour,
+            avoid_zones=avoid_zones,
+            providers=providers,
+        )
+
     def _no_offer_reason(self, w: _Wanted) -> str:
         if not w.lifecycles:
             return "on-demand launches are off (provisioning.on_demand: false)"
@@ -362,17 +385,7 @@ class Provisioner:
         if w.avoid_zone:
             parts.append(f"outside {w.avoid_zone}")
         asked = ", ".join(parts)
-        fitting = [
-            offer
-            for _, offer in self.catalog.rank(
-                self.catalog.offers(),
-                gpus=max(w.spec.gpus, 1),
-                accelerator=w.spec.accelerator,
-                lifecycles=w.lifecycles,
-                max_usd_per_hour=w.spec.max_usd_per_hour,
-                avoid_zones=(w.avoid_zone,) if w.avoid_zone else (),
-            )
-        ]
+        fitting = [offer for _, offer in self._rank(w, {w.avoid_zone} - {""})]
         if not fitting:
             return f"no offer in the catalog has {asked}"
         return (
@@ -599,7 +612,7 @@ class Provisioner:
             ).inc()
 
     async def _set(self, view: pb.LaunchedInstance, state: str, detail: str) -> None:
-        self._lifecycles = None
+        self._index = None
         view.state = state
         view.detail = detail[:500]
         view.updated_at_s = self._clock()
