@@ -48,7 +48,10 @@ from gpufleet.sim.traces import (
     load_traces,
 )
 
-SHARED_TRACES = Path("/work/shared/data/skypilot-spot-traces")
+# The full trace set beside the checkout (``../shared/data``), where there is one.
+SHARED_TRACES = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "skypilot-spot-traces"
+)
 
 # What the paper states as numbers in its text and tables (figures that are
 # only plotted are not quoted).

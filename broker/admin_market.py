@@ -61,6 +61,8 @@ async def list_offers(
     for line in catalog.warnings:
         if line not in warnings:
             warnings.append(line)
+    if not ranked:
+        warnings.extend(_why_empty(catalog, request))
     return pb.ListOffersResponse(
         offers=[offer.to_proto(score) for score, offer in ranked[:limit]],
         refreshed_at_s=catalog.refreshed_at_s,
@@ -94,3 +96,24 @@ async def _refresh(catalog: MarketCatalog) -> list[str]:
             "'gpufleet prices' again in a minute (a cloud that does not answer "
             "is named in the broker's log, market.source_failed)"
         ]
+
+
+def _why_empty(catalog: MarketCatalog, request: pb.ListOffersRequest) -> list[str]:
+    """What a caller who got no offer can change."""
+    accelerator = request.accelerator.lower()
+    known = catalog.accelerators()
+    if accelerator and accelerator not in known:
+        return [
+            f"no offer has accelerator {accelerator!r}: GPU models are matched "
+            f"by their exact catalog name, one of {', '.join(known) or 'none'}"
+        ]
+    asked = (request.provider, request.lifecycle)
+    aws_spot_wanted = asked in (("aws", ""), ("aws", "spot"), ("", "spot"))
+    if aws_spot_wanted and not catalog.cfg.aws.regions:
+        return [
+            "no offer matches; AWS spot offers come only from live prices, "
+            "and market.aws.regions is empty: list the regions and "
+            "market.aws.instance_types to price in the broker configuration "
+            "(docs/market.md)"
+        ]
+    return ["no offer matches these filters; run 'gpufleet prices' without them"]

@@ -476,6 +476,10 @@ class MarketCatalog:
         """Counts spot hours run at this place without an interruption."""
         self.observed.note_hours(provider, region, zone, instance_type, hours)
 
+    def accelerators(self) -> list[str]:
+        """The GPU models some offer has, sorted."""
+        return sorted({o.accelerator for o in self._all() if o.accelerator})
+
     # ------------------------------------------------------------ helpers
 
     def _all(self) -> list[Offer]:

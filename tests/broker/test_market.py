@@ -526,3 +526,33 @@ async def test_list_offers_refresh_answers_in_time_while_the_cloud_hangs(
     )
     assert [o.zone for o in resp.offers] == ["us-east-1a"]
     assert not resp.stale
+
+
+async def test_list_offers_says_why_nothing_matched() -> None:
+    """An empty answer names what to change: the exact accelerator names the
+    catalog knows, or the missing AWS regions behind the absent spot offers."""
+    catalog = _catalog()
+    resp = await admin_market.list_offers(
+        catalog, pb.ListOffersRequest(accelerator="a100 80gb")
+    )
+    assert resp.total == 0
+    (line,) = [w for w in resp.warnings if "no offer has accelerator" in w]
+    for part in ("'a100 80gb'", "a10g", "l4"):
+        assert part in line
+
+    resp = await admin_market.list_offers(
+        catalog,
+        pb.ListOffersRequest(provider="aws", lifecycle="spot", accelerator="a10g"),
+    )
+    assert resp.total == 0
+    assert any("market.aws.regions is empty" in w for w in resp.warnings)
+
+    resp = await admin_market.list_offers(
+        catalog, pb.ListOffersRequest(region="nowhere-1")
+    )
+    assert resp.total == 0
+    assert any("without them" in w for w in resp.warnings)
+
+    resp = await admin_market.list_offers(catalog, pb.ListOffersRequest())
+    assert resp.total > 0
+    assert not any("no offer" in w for w in resp.warnings)
