@@ -573,7 +573,7 @@ class JobManager(PlacementMixin):
                 await self._start(record, target, resume_from="")
             elif self.provisioner is None:
                 await self._note_once(
-                    record, "job.waiting-for-host", _no_fit(record.view.spec)
+                    record, "job.waiting-for-host", self._why_no_fit(record, allowed)
                 )
             else:
                 await self._provision(record, allowed, "", "new job")
@@ -621,6 +621,24 @@ class JobManager(PlacementMixin):
             if chosen is not None:
                 return chosen
         return None
+
+    def _why_no_fit(self, record: JobRecord, lifecycles: tuple[str, ...]) -> str:
+        """Why no connected host takes a pending job, naming a host that
+        would but for its price or its lifecycle."""
+        spec = record.view.spec
+        reason = _no_fit(spec)
+        near = choose_host(spec, self._candidates(record.view.job_id))
+        if near is None:
+            return reason
+        kind = "spot" if near.spot else "on-demand"
+        if kind not in lifecycles:
+            return (
+                f"{reason}; {near.host_id} has them but is {kind}, and the "
+                f"job's policy takes only {' or '.join(lifecycles)} now"
+            )
+        return (
+            f"{reason}; {near.host_id} has them but costs {near.usd_per_hour:.4g} USD/h"
+        )
 
     def _candidates(self, job_id: str = "") -> list[Candidate]:
         """Connected hosts with their free GPUs, minus hosts launched for

@@ -270,9 +270,34 @@ async def test_a_job_no_host_fits_says_why_and_when_its_deadline_passed(
 
     await eventually(noted, timeout_s=10)
     history = [(h.kind, h.detail) for h in (await _job(broker, job_id)).history]
-    waiting = "no connected host has 1 free GPU(s), at most 0.01 USD/h"
+    waiting = (
+        "no connected host has 1 free GPU(s), at most 0.01 USD/h; "
+        "i-od has them but costs 1.006 USD/h"
+    )
     assert ("job.waiting-for-host", waiting) in history
     assert [k for k, _ in history].count("job.deadline-missed") == 1
+
+
+async def test_a_job_waiting_for_on_demand_names_the_spot_host_it_will_not_take(
+    tmp_path: Path, broker_factory: Any, agent_factory: Any
+) -> None:
+    """An on-demand job beside a free spot host says the host is there but
+    is spot, not that no host has a free GPU."""
+    broker = await broker_factory(policy=POLICY)
+    await _hosts(tmp_path, broker, agent_factory, {"i-spot": True})
+    job_id = await _submit(broker, _spec(policy="on-demand"))
+
+    async def waiting() -> list[str]:
+        history = (await _job(broker, job_id)).history
+        return [h.detail for h in history if h.kind == "job.waiting-for-host"]
+
+    await eventually(waiting, timeout_s=10)
+    assert await waiting() == [
+        "no connected host has 1 free GPU(s); i-spot has them but is spot, "
+        "and the job's policy takes only on-demand now"
+    ]
+    assert (await _job(broker, job_id)).state == "PENDING"
+    await broker.admin().call("CancelJob", pb.JobRequest(job_id=job_id))
 
 
 async def test_a_job_from_a_lost_host_resumes_on_a_host_reporting_the_same_gpu(
