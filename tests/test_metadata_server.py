@@ -283,3 +283,35 @@ def test_cli_metadata_server_prints_url_serves_and_stops_on_sigterm() -> None:
     assert out == ""
     assert "metadata_server.started" in err
     assert "metadata_server.stopped" in err
+
+
+def test_a_client_that_resets_its_connection_prints_no_traceback(
+    gcp: MetadataServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An agent stopped while its request is answered (its instance was
+    taken) leaves the server quiet and serving."""
+    import socket
+    import struct
+
+    host, port = gcp.url.removeprefix("http://").split(":")
+    for delay_s in (0.0, 0.3):
+        # Mid-answer, and between two requests of a kept-alive connection.
+        gcp.set_fault("slow", delay_s=delay_s)
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(
+            b"GET /computeMetadata/v1/instance/id HTTP/1.1\r\n"
+            b"Host: metadata\r\nMetadata-Flavor: Google\r\n\r\n"
+        )
+        if not delay_s:
+            sock.recv(4096)
+        # Linger 0: close() resets the connection, as a killed process's does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        time.sleep(0.5)
+    gcp.set_fault("ok")
+    answer = httpx.get(
+        f"{gcp.url.rstrip('/')}/computeMetadata/v1/instance/id",
+        headers={"Metadata-Flavor": "Google"},
+    )
+    assert answer.status_code == 200
+    assert "Traceback" not in capfd.readouterr().err

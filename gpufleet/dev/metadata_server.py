@@ -15,6 +15,7 @@ import email.utils
 import hashlib
 import json
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -118,6 +119,20 @@ def _rfc1123(epoch_s: float) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(epoch_s, UTC), True)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that goes away mid-answer (an agent stopped with its
+    instance) is routine here: logged, not printed as a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug(
+                "metadata.client_gone", client=str(client_address), error=str(exc)
+            )
+            return
+        log.exception("metadata.handler_failed", client=str(client_address))
+
+
 class MetadataServer:
     """One cloud's metadata service on a loopback port, served from a thread.
 
@@ -186,7 +201,7 @@ class MetadataServer:
         self._tokens: dict[str, tuple[float, float]] = {}  # token -> issued, ttl
         self._azure_doc: tuple[str, int] = ("", 0)  # events JSON, incarnation
         self._azure_enabled = False
-        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server = _QuietServer((host, port), self._handler())
         self._server.daemon_threads = True
         # A short poll keeps shutdown() from waiting serve_forever's 0.5 s.
         self._thread = threading.Thread(
