@@ -89,8 +89,8 @@ def jobs() -> None:
 )
 @click.option(
     "--work-hours",
-    type=click.FloatRange(0, 8760),
-    default=0.0,
+    type=click.FloatRange(0, 8760, min_open=True),
+    default=None,
     help="Hours of compute the job needs (with --deadline).",
 )
 @click.option(
@@ -119,7 +119,7 @@ def submit(
     workdir: str,
     policy: str,
     deadline: str,
-    work_hours: float,
+    work_hours: float | None,
     max_price: float,
     accelerator: str,
     argv: tuple[str, ...],
@@ -128,6 +128,7 @@ def submit(
     bad = [x for x in (*labels, *envs) if "=" not in x]
     if bad:
         raise ConfigError("jobs submit", [f"{x!r}: must be KEY=VALUE" for x in bad])
+    work_hours = work_hours or 0.0
     for flag, value in (("--work-hours", work_hours), ("--max-price", max_price)):
         if not math.isfinite(value):
             raise ConfigError("jobs submit", [f"{flag}: must be a number, got {value}"])
@@ -262,7 +263,13 @@ def parse_deadline(text: str, now_s: float | None = None) -> float:
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=dt.UTC)
         at_s = moment.timestamp()
-    if not now_s < at_s <= now_s + MAX_DEADLINE_S:
+    if at_s <= now_s:
+        raise ConfigError(
+            "jobs submit",
+            [f"--deadline {text!r}: is not in the future; give a later time"],
+            hint=hint,
+        )
+    if at_s > now_s + MAX_DEADLINE_S:
         raise ConfigError(
             "jobs submit",
             [f"--deadline {text!r}: must be in the next 365 days"],

@@ -156,6 +156,11 @@ async def test_cli_unreachable_broker_exits_3(capsys) -> None:
         (("--deadline", "12h"), "--deadline needs --work-hours"),
         (("--work-hours", "3"), "--work-hours needs --deadline"),
         (("--deadline", "2h", "--work-hours", "5"), "cannot be done by the deadline"),
+        (
+            ("--deadline", "12h", "--work-hours", "0"),
+            "'--work-hours': 0.0 is not in the range",
+        ),
+        (("--deadline", "2020-01-01T00:00Z", "--work-hours", "1"), "not in the future"),
     ],
 )
 async def test_cli_job_the_broker_refuses_is_a_usage_error_exiting_2(
