@@ -9,7 +9,7 @@ import click
 
 from gpufleet.broker.spot_policy import POLICIES
 from gpufleet.cli.output import console, print_json
-from gpufleet.errors import ConfigError
+from gpufleet.errors import ConfigError, GpufleetError
 from gpufleet.sim.engine import (
     DEFAULT_DAYS,
     DEFAULT_HOSTS,
@@ -147,7 +147,13 @@ def _price_cap_note(traces: list[SpotTrace], spec: FleetSpec) -> str | None:
     help="USD/h for traces without prices.",
 )
 @click.option("--max-price", type=float, default=None, help="Highest spot USD/h paid.")
-@click.option("--gang", type=int, default=1, show_default=True, help="Nodes per job.")
+@click.option(
+    "--gang",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Nodes per job; above 1 needs multi-node --traces (none are shipped).",
+)
 @click.option("--steps-per-hour", type=float, default=3600.0, show_default=True)
 @click.option(
     "--activity",
@@ -227,10 +233,12 @@ def simulate(
         )
     if plot is not None:
         problems += plot_path_problems(plot)
+        try:
+            check_plotting()  # before the run, not after it
+        except GpufleetError as exc:
+            problems.append(f"--plot: {exc.args[0]} ({exc.hint})")
     if problems:
         raise ConfigError("simulate options", problems)
-    if plot is not None:
-        check_plotting()  # before the run, not after it
 
     traces = load_traces(_traces_dir(traces_dir))
     cap_note = _price_cap_note(traces, spec)

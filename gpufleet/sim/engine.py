@@ -164,7 +164,12 @@ def _check_traces(spec: FleetSpec, traces: list[SpotTrace]) -> None:
                     f"--gang {spec.gang} needs multi-node traces; "
                     f"{len(single)} trace(s) are 1-node, e.g. {single[0]}"
                 ],
-                hint="pass --traces with a 4-node or 16-node folder, or --gang 1",
+                hint=(
+                    "the repository ships 1-node traces only; pass --traces "
+                    "with a folder of SkyPilot's multi-node traces (their "
+                    "preemption/4-node or availability/16-node folders), or "
+                    "--gang 1"
+                ),
             )
 
 

@@ -122,7 +122,7 @@ def render_table(console: Console, run: FleetRun, rows: list[PolicySummary]) -> 
         "policy",
         "jobs",
         "cost USD",
-        "vs on-demand",
+        "per job vs on-demand",
         "misses",
         "preemptions",
         "migrations",
@@ -197,15 +197,19 @@ def write_plot(path: Path, run: FleetRun, rows: list[PolicySummary]) -> None:
 
     names = [r.policy for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(names, [r.cost_vs_on_demand_pct for r in rows], color="#4c72b0")
+    costs = left.bar(names, [r.cost_vs_on_demand_pct for r in rows], color="#4c72b0")
+    left.bar_label(costs, fmt="%.1f")
+    # Room above the tallest bar for its label.
+    left.set_ylim(0, max(100.0, *(r.cost_vs_on_demand_pct for r in rows)) * 1.12)
     left.axhline(100.0, color="grey", linewidth=0.8, linestyle="--")
     left.set_ylabel("cost per job, % of on-demand")
     misses = [r.deadline_misses for r in rows]
-    right.bar(names, misses, color="#c44e52")
+    # Labelled, so that a policy with no miss shows a 0, not nothing.
+    right.bar_label(right.bar(names, misses, color="#c44e52"))
     right.set_ylabel("deadline misses (jobs)")
     # Whole jobs only; with no misses at all the axis would otherwise
     # span -0.05 to 0.05.
-    right.set_ylim(0, max(1, *misses) * 1.05)
+    right.set_ylim(0, max(1, *misses) * 1.15)
     right.yaxis.set_major_locator(MaxNLocator(integer=True))
     for axis in (left, right):
         axis.tick_params(axis="x", labelrotation=20)

@@ -227,14 +227,15 @@ class FleetSpec:
 
     def describe(self) -> str:
         """One line naming the fleet, for table and plot titles."""
+        days = f"{self.days:g} day{'' if self.days == 1 else 's'}"
         if self.jobs is not None:
             fleet = (
-                f"{self.jobs} jobs staggered over {self.days:g} days, "
+                f"{_count(self.jobs, 'job')} staggered over {days}, "
                 f"{self.job_hours:g} h each"
             )
         else:
             fleet = (
-                f"{self.hosts} hosts x {self.days:g} days, "
+                f"{_count(self.hosts, 'host')} x {days}, "
                 f"{self.job_hours:g} h jobs back to back"
             )
             if self.job_gap_hours > 0:
@@ -243,3 +244,7 @@ class FleetSpec:
             f"{fleet}, deadline {self.window_s / HOUR_S:g} h, "
             f"restart {self.restart_minutes:g} min"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

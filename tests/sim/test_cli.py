@@ -100,7 +100,8 @@ def test_plot_is_a_png(traces: Path, tmp_path: Path) -> None:
 def test_plot_without_matplotlib_names_the_extra(
     traces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without matplotlib, --plot fails with the pip command to install it."""
+    """Without matplotlib, --plot is refused before the run, as a bad
+    option (exit code 2), with the pip command to install it."""
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     result = invoke(
         "--traces",
@@ -112,8 +113,24 @@ def test_plot_without_matplotlib_names_the_extra(
         "--plot",
         str(tmp_path / "p.png"),
     )
-    assert result.exception is not None
-    assert "gpufleet[sim]" in (getattr(result.exception, "hint", "") or "")
+    assert isinstance(result.exception, ConfigError)
+    (problem,) = result.exception.problems
+    assert problem.startswith("--plot: cannot write the plot: matplotlib")
+    assert "pip install 'gpufleet[sim]'" in problem
+    code = main(
+        [
+            "simulate",
+            "--traces",
+            str(traces),
+            "--jobs",
+            "1",
+            "--days",
+            "4",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
+    )
+    assert code == 2
 
 
 def test_default_is_the_fleet_mode(traces: Path) -> None:

@@ -131,3 +131,16 @@ def test_job_loop_passes_are_bounded_by_the_ticks_to_the_limit() -> None:
     assert not out.finished
     assert out.missed
     assert policy.calls <= ticks + 1
+
+
+def test_describe_counts_in_words_that_agree() -> None:
+    """Titles read "1 day" and "1 job", and plurals otherwise."""
+    assert (
+        FleetSpec(jobs=1, days=1).describe().startswith("1 job staggered over 1 day, ")
+    )
+    assert (
+        FleetSpec(jobs=5, days=2.5)
+        .describe()
+        .startswith("5 jobs staggered over 2.5 days, ")
+    )
+    assert FleetSpec(hosts=1, days=30).describe().startswith("1 host x 30 days, ")
