@@ -173,6 +173,12 @@ class Provisioner:
     def live(self) -> list[pb.LaunchedInstance]:
         return [v for v in self.instances.values() if v.state in st.LIVE_STATES]
 
+    def _instances_in_use(self) -> int:
+        """Live instances, and launches that have no instance record yet
+        (one whose cloud call is under way has one, and counts once)."""
+        live = self.live()
+        return len(live) + len(self._launching - {v.job_id for v in live})
+
     def pending_for(self, job_id: str) -> pb.LaunchedInstance | None:
         """A launch for the job that the job has not used yet: booting, or
         enrolled and still idle (the job lands there on the next tick)."""
@@ -283,7 +289,7 @@ class Provisioner:
 
         Returns what happened, for the job's history: ``launching``,
         ``pending`` (a launch for it is under way), ``backoff``,
-        ``at-limit`` or ``no-offer: ...``.
+        ``at-limit: ...`` or ``no-offer: ...``.
         """
         lifecycles = tuple(
             lc for lc in lifecycles if lc == "spot" or self.cfg.on_demand
@@ -305,8 +311,12 @@ class Provisioner:
         if not offers:
             self._next_try[job_id] = now + self.cfg.retry_after_s
             return f"no-offer: {self._no_offer_reason(wanted)}"
-        if len(self.live()) + len(self._launching) >= self.cfg.max_instances:
-            return "at-limit"
+        used = self._instances_in_use()
+        if used >= self.cfg.max_instances:
+            return (
+                f"at-limit: {used} instance(s) live or launching, "
+                f"provisioning.max_instances is {self.cfg.max_instances}"
+            )
         if now < self._paused_until_s:
             return (
                 f"paused: the last {self._never_enrolled} launched instances never "

@@ -259,7 +259,9 @@ async def test_provisioner_respects_the_instance_limit(
     prov, tasks = _provisioner(proxy.url, catalog, store, Clock(), max_instances=1)
     await prov.request("a", _spec(), lifecycles=("spot",))
     await _launched(prov, tasks)
-    assert await prov.request("b", _spec(), lifecycles=("spot",)) == "at-limit"
+    assert await prov.request("b", _spec(), lifecycles=("spot",)) == (
+        "at-limit: 1 instance(s) live or launching, provisioning.max_instances is 1"
+    )
 
 
 async def test_provisioner_enrolls_then_releases_an_idle_host_and_a_silent_one(

@@ -52,9 +52,45 @@ async def test_two_requests_in_one_tick_respect_the_instance_limit(
     catalog = await _catalog(proxy.url)
     prov, tasks = _provisioner(proxy.url, catalog, store, Clock(), max_instances=1)
     assert await prov.request("a", _spec(), lifecycles=("spot",)) == "launching"
-    assert await prov.request("b", _spec(), lifecycles=("spot",)) == "at-limit"
+    assert await prov.request("b", _spec(), lifecycles=("spot",)) == (
+        "at-limit: 1 instance(s) live or launching, provisioning.max_instances is 1"
+    )
     await _launched(prov, tasks)
     assert len(prov.live()) == 1
+
+
+async def test_a_launch_in_flight_counts_once_against_the_instance_limit(
+    proxy: Ec2FaultProxy,
+    store: Any,
+) -> None:
+    """While EC2 answers a first launch (its instance already recorded), a
+    second job still launches at max_instances=2; a third waits."""
+    release = threading.Event()
+    forward = proxy.forward
+
+    def slow(method: str, path: str, headers: Any, data: bytes) -> Any:
+        if b"Action=RunInstances" in data:
+            release.wait(10)
+        return forward(method, path, headers, data)
+
+    proxy.forward = slow  # type: ignore[method-assign]
+    catalog = await _catalog(proxy.url)
+    prov, tasks = _provisioner(proxy.url, catalog, store, Clock(), max_instances=2)
+    try:
+        assert await prov.request("a", _spec(), lifecycles=("spot",)) == "launching"
+        for _ in range(500):
+            if [v.state for v in prov.live()] == [st.LAUNCHING]:
+                break
+            await asyncio.sleep(0.01)
+        assert [v.state for v in prov.live()] == [st.LAUNCHING]
+        assert await prov.request("b", _spec(), lifecycles=("spot",)) == "launching"
+        assert await prov.request("c", _spec(), lifecycles=("spot",)) == (
+            "at-limit: 2 instance(s) live or launching, provisioning.max_instances is 2"
+        )
+    finally:
+        release.set()
+    await _launched(prov, tasks)
+    assert sorted(v.job_id for v in prov.live()) == ["a", "b"]
 
 
 async def test_a_tls_file_gone_at_launch_fails_the_try_instead_of_sticking(
