@@ -529,7 +529,7 @@ class Provisioner:
             instance_type=offer.instance_type,
             lifecycle=offer.lifecycle,
             instance_id=ref.instance_id,
-            usd_per_hour=round(offer.usd_per_hour, 4),
+            usd_per_hour=float(f"{offer.usd_per_hour:.6g}"),
             launch_id=launch_id,
         )
         log.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
-from gpufleet.cli.output import print_json, print_table, to_dict, when
+from gpufleet.cli.output import print_json, print_table, to_dict, usd_rate, when
 from gpufleet.proto import pb
 
 
@@ -35,7 +35,7 @@ def instances(opts: ClientOptions, include_released: bool) -> None:
             v.zone or v.region,
             v.instance_type,
             v.lifecycle,
-            f"{v.usd_per_hour:.3f}",
+            usd_rate(v.usd_per_hour, 3),
             v.instance_id or "-",
             v.job_id or "-",
             v.host_id or "-",

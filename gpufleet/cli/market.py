@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
-from gpufleet.cli.output import duration, print_json, print_table, to_dict, when
+from gpufleet.cli.output import (
+    duration,
+    print_json,
+    print_table,
+    to_dict,
+    usd_rate,
+    when,
+)
 from gpufleet.errors import BrokerTimeoutError
 from gpufleet.proto import pb
 
@@ -34,7 +41,7 @@ def _row(offer: pb.Offer) -> list[str]:
         offer.lifecycle,
         str(offer.gpus or "?"),
         offer.accelerator or "?",
-        f"{offer.usd_per_hour:.4f}",
+        usd_rate(offer.usd_per_hour),
         f"{offer.hourly_risk:.2%}" if offer.lifecycle == "spot" else "-",
         offer.interruption_band or "-",
         f"{offer.score:.4f}",

@@ -109,3 +109,11 @@ def pct(message: Message, field: str) -> str:
 
 def gib(n: int) -> str:
     return f"{n / 1024**3:.1f}"
+
+
+def usd_rate(usd_per_hour: float, places: int = 4) -> str:
+    """An hourly price: ``places`` decimals, or two significant digits for
+    a price that would round to zero (moto answers 0.00001)."""
+    if 0 < abs(usd_per_hour) < 10**-places:
+        return f"{usd_per_hour:.2g}"
+    return f"{usd_per_hour:.{places}f}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpufleet.cli.output import to_dict
+from gpufleet.cli.output import to_dict, usd_rate
 from gpufleet.proto import pb
 
 
@@ -15,3 +15,10 @@ def test_64_bit_integers_are_numbers_at_every_depth() -> None:
     assert (job["step"], job["checkpoint_step"], job["steps_lost"]) == (-1, 12, 3)
     assert job["attempt"] == 2
     assert job["job_id"] == "j"
+
+
+def test_usd_rate_shows_a_tiny_price_as_not_zero() -> None:
+    assert usd_rate(1.006) == "1.0060"
+    assert usd_rate(0.343, 3) == "0.343"
+    assert usd_rate(1e-05) == "1e-05"
+    assert usd_rate(0.0) == "0.0000"
