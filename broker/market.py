@@ -11,8 +11,10 @@ its refresh task. docs/market.md documents sources, formulas and settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import difflib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -267,9 +269,15 @@ class MarketCatalog:
         try:
             async with asyncio.timeout(FETCH_TIMEOUT_S):
                 quotes, bad = await asyncio.to_thread(
-                    self._aws.fetch, region, types, now
+                    functools.partial(
+                        self._aws.fetch, region, types, now, within_s=FETCH_TIMEOUT_S
+                    )
                 )
-        except (SpotSourceError, TimeoutError) as exc:
+        except Exception as exc:
+            # Anything else from a source is a bug, but one region's prices
+            # must not take the broker down: logged with its traceback.
+            if not isinstance(exc, (SpotSourceError, TimeoutError)):
+                log.exception("market.source_crashed", source=f"aws-spot:{region}")
             reason = str(exc) or f"no answer within {FETCH_TIMEOUT_S} s"
             hint = getattr(exc, "hint", None)
             kept = len(self._spot.get(region, []))
@@ -331,7 +339,9 @@ class MarketCatalog:
         try:
             while not stop.is_set():
                 if self._clock() - self._attempted_s >= interval / 2:
-                    await self.refresh_soon()
+                    # A crashed refresh is logged (_log_failure); serving goes on.
+                    with contextlib.suppress(Exception):
+                        await self.refresh_soon()
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=interval)
                 except TimeoutError:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ import botocore.config
 import botocore.exceptions
 import botocore.parsers
 
+from gpufleet.broker.market_offer import price_problem
 from gpufleet.errors import GpufleetError
 
 # As for the EC2 actions (clouds/aws.py): connect within 5 s, answer within
@@ -28,6 +31,14 @@ READ_TIMEOUT_S = 20.0
 MAX_ATTEMPTS = 4
 # moto and older EC2-Classic accounts answer with the VPC variant.
 LINUX_PRODUCTS = ("Linux/UNIX", "Linux/UNIX (Amazon VPC)")
+# One price per zone and type needs a page or two; an endpoint that keeps
+# paging past these limits, or past the time the catalog waits, is cut off
+# (the catalog gives up on it, and the thread must stop too).
+MAX_PAGES = 50
+MAX_RECORDS = 50_000
+# An AWS zone is its region's name and a letter ("us-east-1a"), or a Local
+# or Wavelength Zone's longer name that begins with the region's too.
+_ZONE = re.compile(r"^[a-z0-9-]{1,60}$")
 
 
 class SpotSourceError(GpufleetError):
@@ -82,13 +93,22 @@ class AwsSpotPrices:
             return self._clients[region]
 
     def fetch(
-        self, region: str, instance_types: list[str], now_s: float
+        self,
+        region: str,
+        instance_types: list[str],
+        now_s: float,
+        *,
+        within_s: float | None = None,
     ) -> tuple[list[SpotQuote], list[str]]:
         """The latest price per (zone, type) and a warning per bad record.
 
+        ``within_s`` bounds the time spent paging (the caller stops waiting
+        then; this thread stops too).
+
         Raises:
             SpotSourceError: the call failed (credentials, throttling after
-                retries, network, an answer that is not EC2's).
+                retries, network, an answer that is not EC2's, endless
+                paging).
         """
         start = dt.datetime.fromtimestamp(now_s, tz=dt.UTC)
         try:
@@ -100,7 +120,9 @@ class AwsSpotPrices:
                 ProductDescriptions=["Linux/UNIX"],
                 StartTime=start,
             )
-            records = [r for page in pages for r in page.get("SpotPriceHistory", [])]
+            records = _read_pages(pages, region, within_s)
+        except SpotSourceError:
+            raise
         except botocore.exceptions.ClientError as exc:
             error = exc.response.get("Error", {})
             raise SpotSourceError(
@@ -122,16 +144,49 @@ class AwsSpotPrices:
                 f"cannot read spot prices in {region}: {exc}",
                 hint="check the broker's network path to the EC2 endpoint",
             ) from exc
-        return _latest(records, region)
+        except Exception as exc:
+            # botocore raises plain ValueErrors for some malformed fields
+            # (a timestamp it cannot parse): still an answer that is not EC2's.
+            raise SpotSourceError(
+                f"cannot read EC2's spot price answer in {region}: "
+                f"{type(exc).__name__}: {str(exc)[:200]}",
+                hint="check that market.aws endpoint is EC2 (or a faithful "
+                "emulator of it)",
+            ) from exc
+        return _latest(records, region, set(instance_types))
+
+
+def _read_pages(pages: Any, region: str, within_s: float | None) -> list[Any]:
+    """The records of every page, within the page, record and time limits."""
+    give_up = None if within_s is None else time.monotonic() + within_s
+    records: list[Any] = []
+    for count, page in enumerate(pages, start=1):
+        found = page.get("SpotPriceHistory", [])
+        if not isinstance(found, list):
+            raise SpotSourceError(f"EC2 in {region} answered a page without a list")
+        records.extend(found)
+        if count >= MAX_PAGES or len(records) >= MAX_RECORDS:
+            raise SpotSourceError(
+                f"EC2 in {region} kept paging past {count} pages and "
+                f"{len(records)} records; one price per zone and type needs "
+                "a few",
+                hint="check that the endpoint is EC2; list fewer "
+                "market.aws.instance_types",
+            )
+        if give_up is not None and time.monotonic() > give_up:
+            raise SpotSourceError(
+                f"EC2 in {region} was still paging after {within_s:g} s ({count} pages)"
+            )
+    return records
 
 
 def _latest(
-    records: list[dict[str, Any]], region: str
+    records: list[dict[str, Any]], region: str, asked: set[str]
 ) -> tuple[list[SpotQuote], list[str]]:
     best: dict[tuple[str, str], SpotQuote] = {}
     warnings: list[str] = []
     for record in records:
-        quote, why = _quote(record)
+        quote, why = _quote(record, region, asked)
         if quote is None:
             warnings.append(f"aws {region}: skipped a spot price record: {why}")
             continue
@@ -141,11 +196,17 @@ def _latest(
     return list(best.values()), warnings
 
 
-def _quote(record: dict[str, Any]) -> tuple[SpotQuote | None, str]:
+def _quote(record: Any, region: str, asked: set[str]) -> tuple[SpotQuote | None, str]:
+    if not isinstance(record, dict):
+        return None, f"not a record: {str(record)[:80]!r}"
     zone = record.get("AvailabilityZone")
     instance_type = record.get("InstanceType")
     if not zone or not instance_type:
-        return None, f"no zone or instance type in {record!r}"
+        return None, f"no zone or instance type in {str(record)[:200]}"
+    if not (isinstance(zone, str) and _ZONE.match(zone) and zone.startswith(region)):
+        return None, f"zone {str(zone)[:80]!r} is not a zone of {region}"
+    if instance_type not in asked:
+        return None, f"type {str(instance_type)[:80]!r} was not asked for"
     product = record.get("ProductDescription")
     if product is not None and product not in LINUX_PRODUCTS:
         return None, f"{instance_type} in {zone} is for {product!r}, not Linux"
@@ -154,8 +215,9 @@ def _quote(record: dict[str, Any]) -> tuple[SpotQuote | None, str]:
         price = float(raw) if raw is not None else math.nan
     except (TypeError, ValueError):
         price = math.nan
-    if not math.isfinite(price) or price <= 0:
-        return None, f"{instance_type} in {zone} has price {raw!r}"
+    problem = price_problem(price)
+    if problem is not None:
+        return None, f"{instance_type} in {zone} has price {str(raw)[:40]!r}: {problem}"
     stamp = record.get("Timestamp")
     changed_at_s = stamp.timestamp() if isinstance(stamp, dt.datetime) else 0.0
     return SpotQuote(zone, instance_type, price, changed_at_s), ""

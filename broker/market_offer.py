@@ -7,6 +7,22 @@ from dataclasses import dataclass
 from gpufleet.proto import pb
 
 LIFECYCLES = ("spot", "on-demand")
+# Prices outside these bounds are errors in a table or a cloud's answer: the
+# cheapest GPU hour costs cents (moto answers 0.00001), the dearest instance
+# about a hundred dollars. Below the floor an offer would rank as free.
+MIN_USD_PER_HOUR = 1e-6
+MAX_USD_PER_HOUR = 10_000.0
+
+
+def price_problem(price: float) -> str | None:
+    """Why an hourly price cannot be right, or None."""
+    if price != price or price <= 0:
+        return "is not a price > 0"
+    if price == float("inf") or price > MAX_USD_PER_HOUR:
+        return f"is above {MAX_USD_PER_HOUR:g} USD/h"
+    if price < MIN_USD_PER_HOUR:
+        return f"is below {MIN_USD_PER_HOUR:g} USD/h"
+    return None
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import math
 import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpufleet.broker.market_offer import price_problem
 from gpufleet.errors import ConfigError
 
 DATA_DIR = Path(__file__).with_name("market_data")
@@ -58,8 +58,6 @@ def _price(value: str) -> str | None:
         number = float(value)
     except ValueError:
         return f"{value!r} is not a price in USD per hour"
-    if not math.isfinite(number) or number < 0:
-        return f"{value!r} is not a price > 0"
     # Ranking skips free offers as unpriced, so a row priced 0 (or so small
     # that it reads as 0) would vanish from the catalog without a word.
     if number == 0:
@@ -67,7 +65,8 @@ def _price(value: str) -> str | None:
             f"{value!r} is not a price > 0; a type that is not offered there "
             "has no row: leave the row out"
         )
-    return None
+    problem = price_problem(number)
+    return None if problem is None else f"{value!r} {problem}"
 
 
 def _count(value: str) -> str | None:

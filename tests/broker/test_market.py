@@ -361,6 +361,28 @@ def test_a_table_row_priced_zero_is_refused(
     assert f"{value!r} is not a price > 0; a type that is not offered" in problem
 
 
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("1e308", "is above 10000 USD/h"),
+        ("1e999", "is above 10000 USD/h"),
+        ("1e-320", "is below 1e-06 USD/h"),
+    ],
+)
+def test_a_table_row_priced_out_of_bounds_is_refused(
+    tmp_path: Path, value: str, why: str
+) -> None:
+    """Prices no GPU hour has (or infinity) are typos, not offers."""
+    fields = ["us-central1", "g2-standard-4", "l4", "1", value, "0.70"]
+    prices = tmp_path / "gcp.csv"
+    prices.write_text(GCP_HEADER + ",".join(fields) + "\n")
+    catalog = MarketCatalog(MarketConfig(gcp=GcpMarketConfig(prices_file=prices)))
+    with pytest.raises(ConfigError) as caught:
+        catalog.load_tables()
+    [problem] = caught.value.problems
+    assert problem == f"{prices}:2: column 5 (spot_usd_per_hour): {value!r} {why}"
+
+
 def test_every_shipped_table_row_becomes_an_offer() -> None:
     """No shipped row is dropped on the way to `gpufleet prices`: the catalog
     counts two offers per GCP row and one per AWS on-demand row."""
@@ -488,7 +510,12 @@ def _block_aws_fetch(
     calls: list[str] = []
 
     def fetch(
-        self: object, region: str, types: list[str], now_s: float
+        self: object,
+        region: str,
+        types: list[str],
+        now_s: float,
+        *,
+        within_s: float | None = None,
     ) -> tuple[list[SpotQuote], list[str]]:
         calls.append(region)
         release.wait(10)

@@ -26,10 +26,15 @@ def _cfg(*types: str) -> MarketConfig:
     )
 
 
-def _item(zone: str | None, price: str, stamp: str = "2026-12-01T00:00:00Z") -> str:
+def _item(
+    zone: str | None,
+    price: str,
+    stamp: str = "2026-12-01T00:00:00Z",
+    instance_type: str = "g5.xlarge",
+) -> str:
     az = f"<availabilityZone>{zone}</availabilityZone>" if zone else ""
     return (
-        "<item><instanceType>g5.xlarge</instanceType>"
+        f"<item><instanceType>{instance_type}</instanceType>"
         "<productDescription>Linux/UNIX</productDescription>"
         f"<spotPrice>{price}</spotPrice><timestamp>{stamp}</timestamp>{az}</item>"
     )
@@ -46,7 +51,9 @@ class FaultyEc2:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                data = owner.body.encode()
+                owner.requests += 1
+                # A fresh next token each time: "{n}" is the request's number.
+                data = owner.body.replace("{n}", str(owner.requests)).encode()
                 self.send_response(owner.status)
                 self.send_header("Content-Type", "text/xml")
                 self.send_header("Content-Length", str(len(data)))
@@ -61,13 +68,15 @@ class FaultyEc2:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def answer_prices(self, *items: str) -> None:
+        self.requests = 0
+
+    def answer_prices(self, *items: str, next_token: str = "") -> None:
         self.status = 200
         self.body = (
             f'<DescribeSpotPriceHistoryResponse xmlns="{XMLNS}">'
             "<requestId>r1</requestId>"
             f"<spotPriceHistorySet>{''.join(items)}</spotPriceHistorySet>"
-            "<nextToken></nextToken></DescribeSpotPriceHistoryResponse>"
+            f"<nextToken>{next_token}</nextToken></DescribeSpotPriceHistoryResponse>"
         )
 
     def answer_error(self, status: int, code: str) -> None:
@@ -139,6 +148,7 @@ async def test_bad_records_are_skipped_and_latest_price_wins(
     [
         (200, "garbage", "cannot read spot prices"),
         (403, "UnauthorizedOperation", "ec2:DescribeSpotPriceHistory"),
+        (200, "bad-timestamp", "cannot read EC2's spot price answer"),
     ],
 )
 async def test_failed_source_keeps_last_prices(
@@ -154,6 +164,9 @@ async def test_failed_source_keeps_last_prices(
     assert await catalog.refresh() == []
     if body_kind == "garbage":
         faulty_ec2.status, faulty_ec2.body = status, "<<<not xml"
+    elif body_kind == "bad-timestamp":
+        # botocore raises a plain ValueError for it, not one of its own.
+        faulty_ec2.answer_prices(_item("us-east-1a", "0.50", stamp="not-a-time"))
     else:
         faulty_ec2.answer_error(status, body_kind)
     warnings = await catalog.refresh()
@@ -179,3 +192,63 @@ async def test_missing_credentials_is_a_warning_not_a_crash(
     catalog.load_tables()
     warnings = await catalog.refresh()
     assert "no AWS credentials" in warnings[0]
+
+
+async def test_records_from_elsewhere_or_at_absurd_prices_are_skipped(
+    faulty_ec2: FaultyEc2,
+) -> None:
+    """A zone of another region or no zone name at all, a type not asked
+    for, and prices that would rank as free or overflow are not offers."""
+    faulty_ec2.answer_prices(
+        _item("us-east-1a", "0.40"),
+        _item("eu-west-9z", "0.10"),
+        _item("&lt;script&gt;", "0.10"),
+        _item("us-east-1b", "0.10", instance_type="evil.type"),
+        _item("us-east-1c", "1e-320"),
+        _item("us-east-1d", "1e308"),
+    )
+    catalog = MarketCatalog(_cfg("g5.xlarge"), aws_endpoint_url=faulty_ec2.url)
+    catalog.load_tables()
+    warnings = await catalog.refresh()
+    assert len(warnings) == 5, warnings
+    assert "'eu-west-9z' is not a zone of us-east-1" in warnings[0]
+    assert "'<script>' is not a zone of us-east-1" in warnings[1]
+    assert "'evil.type' was not asked for" in warnings[2]
+    assert "is below 1e-06 USD/h" in warnings[3]
+    assert "is above 10000 USD/h" in warnings[4]
+    spot = catalog.offers(provider="aws", lifecycle="spot")
+    assert [(o.zone, o.usd_per_hour) for o in spot] == [("us-east-1a", 0.40)]
+
+
+async def test_an_endpoint_that_pages_forever_is_cut_off(
+    faulty_ec2: FaultyEc2,
+) -> None:
+    """Every page naming a next one: the fetch stops at MAX_PAGES and the
+    region keeps no prices, with the reason."""
+    from gpufleet.broker.market_aws import MAX_PAGES
+
+    faulty_ec2.answer_prices(_item("us-east-1a", "0.40"), next_token="more-{n}")
+    catalog = MarketCatalog(_cfg("g5.xlarge"), aws_endpoint_url=faulty_ec2.url)
+    catalog.load_tables()
+    warnings = await catalog.refresh()
+    assert faulty_ec2.requests == MAX_PAGES
+    assert len(warnings) == 1
+    assert f"kept paging past {MAX_PAGES} pages" in warnings[0]
+    assert catalog.offers(provider="aws", lifecycle="spot") == []
+
+
+async def test_a_fetch_that_raises_anything_is_a_failed_source(
+    faulty_ec2: FaultyEc2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception no source should raise still fails only that region: the
+    refresh reports it and returns."""
+    catalog = MarketCatalog(_cfg("g5.xlarge"), aws_endpoint_url=faulty_ec2.url)
+    catalog.load_tables()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("SpotPriceHistory")
+
+    monkeypatch.setattr(catalog._aws, "fetch", broken)
+    warnings = await catalog.refresh()
+    assert len(warnings) == 1
+    assert "not refreshed: 'SpotPriceHistory'" in warnings[0]

@@ -167,7 +167,12 @@ def hung_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     calls: list[str] = []
 
     def fetch(
-        self: object, region: str, types: list[str], now_s: float
+        self: object,
+        region: str,
+        types: list[str],
+        now_s: float,
+        *,
+        within_s: float | None = None,
     ) -> tuple[list[SpotQuote], list[str]]:
         calls.append(region)
         if len(calls) == 1:
