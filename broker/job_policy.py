@@ -40,6 +40,10 @@ def policy_of(spec: pb.JobSpec) -> PlacementPolicy | None:
     return policy_named(spec.policy)
 
 
+# Deadlines further out are typos, and would overflow date arithmetic.
+MAX_DEADLINE_S = 365 * 86400.0
+
+
 def check_spec(spec: pb.JobSpec, now_s: float | None = None) -> list[str]:
     """What is wrong with a job's policy fields, each naming its flag."""
     now_s = time.time() if now_s is None else now_s
@@ -59,6 +63,8 @@ def check_spec(spec: pb.JobSpec, now_s: float | None = None) -> list[str]:
         problems.extend(f"--policy: {p}" for p in exc.problems)
     if spec.deadline_s and spec.deadline_s <= now_s:
         problems.append("--deadline: the deadline has passed already")
+    if spec.deadline_s > now_s + MAX_DEADLINE_S:
+        problems.append("--deadline: must be in the next 365 days")
     if spec.deadline_s and not spec.work_hours:
         problems.append(
             "--deadline needs --work-hours (how long the job computes), so "

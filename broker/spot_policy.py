@@ -247,7 +247,7 @@ def policy_named(name: str) -> PlacementPolicy:
         names = ", ".join(POLICIES)
         raise ConfigError(
             "placement policy",
-            [f"policy {name!r} is unknown; known policies: {names}"],
+            [f"policy {name[:40]!r} is unknown; known policies: {names}"],
             hint=f"pass one of: {names} (default {DEFAULT_POLICY})",
         )
     return policy

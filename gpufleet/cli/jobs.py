@@ -9,6 +9,7 @@ import time
 
 import click
 
+from gpufleet.broker.job_policy import MAX_DEADLINE_S
 from gpufleet.cli.client import AdminClient, ClientOptions, admin_options
 from gpufleet.cli.output import print_json, print_table, to_dict, when
 from gpufleet.errors import ConfigError
@@ -234,8 +235,7 @@ def migrate(opts: ClientOptions, job_id: str, to_host_id: str) -> None:
     _show(opts, _call(opts, "MigrateJob", request))
 
 
-MAX_DEADLINE_S = 365 * 86400.0
-_RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*(m|min|h|d)$")
+_RELATIVE = re.compile(r"^\+?([0-9]+(?:\.[0-9]+)?)\s*(m|min|h|d)$")
 
 
 def parse_deadline(text: str, now_s: float | None = None) -> float:

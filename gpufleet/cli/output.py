@@ -91,7 +91,11 @@ def print_table(
 def when(ts: float) -> str:
     if not ts:
         return "-"
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        moment = dt.datetime.fromtimestamp(ts, tz=dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:.6g} (not a date)"
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def duration(seconds: float) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpufleet.cli.output import to_dict, usd_rate
+from gpufleet.cli.output import to_dict, usd_rate, when
 from gpufleet.proto import pb
 
 
@@ -22,3 +22,9 @@ def test_usd_rate_shows_a_tiny_price_as_not_zero() -> None:
     assert usd_rate(0.343, 3) == "0.343"
     assert usd_rate(1e-05) == "1e-05"
     assert usd_rate(0.0) == "0.0000"
+
+
+def test_when_shows_a_time_out_of_the_calendar_as_a_number() -> None:
+    assert when(0) == "-"
+    assert when(1_800_000_000) == "2027-01-15 08:00:00"
+    assert when(1e300) == "1e+300 (not a date)"

@@ -123,6 +123,8 @@ def test_parse_deadline_reads_durations_and_iso_times() -> None:
     for text in ("9" * 400 + "d", "99999999999d", "366d"):
         with pytest.raises(ConfigError, match="must be in the next 365 days"):
             parse_deadline(text, now)
+    with pytest.raises(ConfigError, match="not a duration"):
+        parse_deadline("\u0663h", now)  # an Arabic-Indic 3
     for text in ("0001-01-01", "0h", "2020-01-01T00:00Z"):
         with pytest.raises(ConfigError, match="is not in the future"):
             parse_deadline(text, now)
