@@ -163,6 +163,13 @@ def plot_path_problems(path: Path) -> list[str]:
     writable regular file; a write that still fails after the run is
     reported then.
     """
+    try:
+        return _plot_path_problems(path)
+    except OSError as exc:  # a name too long, a loop of links
+        return [f"--plot {str(path)[:200]}: {exc.strerror or exc}"]
+
+
+def _plot_path_problems(path: Path) -> list[str]:
     folder = path.parent
     if path.is_dir():
         return [f"--plot {path} is a folder; give a file such as {path / 'sim.png'}"]
@@ -178,6 +185,14 @@ def plot_path_problems(path: Path) -> list[str]:
         return [f"--plot {path} exists and is not a regular file"]
     if path.exists() and not os.access(path, os.W_OK):
         return [f"--plot {path}: the file exists and is not writable"]
+    if not path.exists():
+        # Some folders refuse new files whatever their mode says (/proc):
+        # create the file and take it away again.
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except OSError as exc:
+            return [f"--plot {path}: cannot create it: {exc.strerror or exc}"]
+        path.unlink(missing_ok=True)
     return []
 
 

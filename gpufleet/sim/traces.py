@@ -250,14 +250,22 @@ def load_traces(folder: Path) -> list[SpotTrace]:
         ConfigError: the folder is missing or holds no trace, or a trace is
             invalid.
     """
-    if not folder.is_dir():
+    try:
+        found = folder.is_dir()
+        files = sorted(folder.rglob("*.json")) if found else []
+    except OSError as exc:  # a name too long, a folder that cannot be read
+        raise ConfigError(
+            "--traces",
+            [f"trace folder {str(folder)[:200]}: {exc.strerror or exc}"],
+            hint="pass --traces DIR with SkyPilot spot traces (*.json)",
+        ) from None
+    if not found:
         raise ConfigError(
             "--traces",
             [f"trace folder {folder} does not exist or is not a folder"],
             hint="pass --traces DIR with SkyPilot spot traces (*.json), e.g. "
             "data/skypilot-spot-traces from a gpufleet checkout",
         )
-    files = sorted(folder.rglob("*.json"))
     if not files:
         raise ConfigError(
             "--traces",

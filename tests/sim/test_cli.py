@@ -249,20 +249,36 @@ def test_jobs_are_capped(traces: Path) -> None:
     assert "--jobs must be from 1 to 10000" in str(result.exception)
 
 
-@pytest.mark.parametrize("where", ["missing", "folder"])
+@pytest.mark.parametrize("where", ["missing", "folder", "long-name", "proc"])
 def test_unwritable_plot_path_is_refused_before_the_run(
     traces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """A --plot path in a missing folder, or a folder, fails before simulating."""
+    """A --plot path in a missing folder, a folder, a name longer than the
+    file system allows, or a folder that takes no new file (/proc) fails
+    before simulating."""
 
     def no_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("simulated before checking --plot")
 
     monkeypatch.setattr("gpufleet.cli.simulate.simulate_fleet", no_run)
-    plot = tmp_path / "none" / "x.png" if where == "missing" else tmp_path
+    plot = {
+        "missing": tmp_path / "none" / "x.png",
+        "folder": tmp_path,
+        "long-name": tmp_path / ("a" * 300 + ".png"),
+        "proc": Path("/proc/gpufleet-plot.png"),
+    }[where]
     result = invoke("--traces", str(traces), "--jobs", "1", "--plot", str(plot))
     assert isinstance(result.exception, ConfigError), result.exception
-    assert any(p.startswith(f"--plot {plot}") for p in result.exception.problems)
+    [problem] = result.exception.problems
+    assert problem.startswith(f"--plot {str(plot)[:200]}")
+    if where in ("missing", "proc"):
+        assert not plot.exists()  # the probe left nothing behind
+
+
+def test_a_trace_folder_name_too_long_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke("--traces", str(tmp_path / ("t" * 300)), "--jobs", "1")
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert "File name too long" in str(result.exception)
 
 
 def test_plot_says_where_it_was_written(traces: Path, tmp_path: Path) -> None:
