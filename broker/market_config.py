@@ -101,7 +101,8 @@ class MarketConfig:
         )
         p = [why for why in checks if why is not None]
         if self.stale_after_s < 2 * self.refresh_interval_s and not any(
-            why.startswith("market.stale_after_s") for why in p
+            why.startswith(("market.stale_after_s", "market.refresh_interval_s"))
+            for why in p
         ):
             p.append(
                 f"market.stale_after_s: must be at least twice refresh_interval_s "
@@ -113,16 +114,32 @@ class MarketConfig:
                 "market.aws.instance_types: list the instance types to price "
                 f"in {', '.join(self.aws.regions)}, e.g. [g5.xlarge, g6.xlarge]"
             )
-        for name in ("ondemand_file", "advisor_file"):
-            value = getattr(self.aws, name)
-            if value is not None and not Path(value).is_file():
-                p.append(f"market.aws.{name}: no such file: {value}")
-        file = self.gcp.prices_file
-        if file is not None and not Path(file).is_file():
-            p.append(f"market.gcp.prices_file: no such file: {file}")
+        for name, value in (
+            ("aws.ondemand_file", self.aws.ondemand_file),
+            ("aws.advisor_file", self.aws.advisor_file),
+            ("gcp.prices_file", self.gcp.prices_file),
+        ):
+            why = _file_problem(value)
+            if why is not None:
+                p.append(f"market.{name}: {why}: {value}")
         for zone in self.gcp.zones:
             if zone.count("-") < 2:
                 p.append(
                     f"market.gcp.zones: {zone!r} is not a zone name like us-central1-a"
                 )
         return p
+
+
+def _file_problem(value: str | Path | None) -> str | None:
+    """Why a table file setting cannot be read as a table, or None."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        if path.is_file():
+            return None
+        if path.exists():
+            return "not a regular file (a table is read from a file)"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "no such file"

@@ -99,7 +99,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _build(cls: type[T], raw: Any, where: str, problems: list[str]) -> T:
     if not isinstance(raw, Mapping):
-        problems.append(f"{where or 'top level'}: must be a mapping, got {raw!r}")
+        # ``where`` ends with the dot that joins it to a field's name.
+        place = where.removesuffix(".") or "top level"
+        got = "nothing" if raw is None else repr(raw)
+        problems.append(f"{place}: must be a mapping, got {got}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

@@ -448,6 +448,37 @@ def test_broker_config_with_nan_market_numbers_is_refused(tmp_path: Path) -> Non
     ]
 
 
+@pytest.mark.parametrize(
+    ("market", "problems"),
+    [
+        ("{aws: null}", ["market.aws: must be a mapping, got nothing"]),
+        (
+            "{gcp: {prices_file: /dev/null}}",
+            [
+                "market.gcp.prices_file: not a regular file (a table is read "
+                "from a file): /dev/null"
+            ],
+        ),
+        (
+            "{refresh_interval_s: 1e400}",
+            ["market.refresh_interval_s: must be a finite number in [10, 86400]"],
+        ),
+    ],
+)
+def test_broker_config_market_problems_say_exactly_what_is_wrong(
+    tmp_path: Path, market: str, problems: list[str]
+) -> None:
+    """One problem each, worded for what was given: nothing for a section,
+    a device for a table file, an infinite interval (and not also a
+    stale_after_s that depends on it)."""
+    path = tmp_path / "broker.yaml"
+    path.write_text(f"market: {market}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_broker_config(path)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert caught.value.problems[0].startswith(problems[0])
+
+
 def test_configured_names_that_match_no_row_are_warned_about(tmp_path: Path) -> None:
     """A region, type or zone that matches no table row would drop offers
     silently: each is a warning of the catalog, with a suggestion."""
