@@ -146,7 +146,12 @@ def _price_cap_note(traces: list[SpotTrace], spec: FleetSpec) -> str | None:
     show_default=True,
     help="USD/h for traces without prices.",
 )
-@click.option("--max-price", type=float, default=None, help="Highest spot USD/h paid.")
+@click.option(
+    "--max-price",
+    type=float,
+    default=None,
+    help="Highest spot USD/h paid (0: no limit, as for jobs submit).",
+)
 @click.option(
     "--gang",
     type=int,
@@ -213,7 +218,7 @@ def simulate(
         checkpoint_minutes=checkpoint_minutes,
         on_demand_price=on_demand_price,
         spot_price=spot_price,
-        max_spot_price=max_price,
+        max_spot_price=max_price or None,
         steps_per_hour=steps_per_hour,
         gang=gang,
         seed=seed,

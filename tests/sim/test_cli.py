@@ -311,3 +311,9 @@ def test_a_price_cap_under_every_spot_price_is_said(traces: Path) -> None:
     assert "--max-price 0.5 is below every spot price" in result.output
     result = CliRunner().invoke(simulate, [*common, "--max-price", "1.0"])
     assert "below every spot price" not in result.output
+    # 0 is no limit, as for jobs submit: the same as leaving it out.
+    zero = CliRunner().invoke(simulate, [*common, "--max-price", "0", "--json"])
+    none = CliRunner().invoke(simulate, [*common, "--json"])
+    assert "below every spot price" not in zero.output
+    rows = [json.loads(r.stdout)["policies"] for r in (zero, none)]
+    assert rows[0] == rows[1]
