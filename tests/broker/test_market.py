@@ -339,6 +339,20 @@ def test_an_unclosed_quote_is_reported_at_the_line_it_starts(tmp_path: Path) -> 
     assert second.endswith("the lines after it were not checked")
 
 
+def _refused_gcp_row(tmp_path: Path, column: int, value: str) -> tuple[Path, str]:
+    """A GCP table whose one row has ``value`` in ``column``: its path and
+    the one problem loading it gives."""
+    fields = ["us-central1", "g2-standard-4", "l4", "1", "0.25", "0.70"]
+    fields[column - 1] = value
+    prices = tmp_path / "gcp.csv"
+    prices.write_text(GCP_HEADER + ",".join(fields) + "\n")
+    catalog = MarketCatalog(MarketConfig(gcp=GcpMarketConfig(prices_file=prices)))
+    with pytest.raises(ConfigError) as caught:
+        catalog.load_tables()
+    [problem] = caught.value.problems
+    return prices, problem
+
+
 @pytest.mark.parametrize(
     ("column", "value"),
     [(5, "0"), (6, "0.0"), (5, "1e-400")],
@@ -349,14 +363,7 @@ def test_a_table_row_priced_zero_is_refused(
     """A price of 0 (or one that reads as 0) would vanish from the catalog
     when ranked: the table is refused, and the problem says to leave the row
     out instead."""
-    fields = ["us-central1", "g2-standard-4", "l4", "1", "0.25", "0.70"]
-    fields[column - 1] = value
-    prices = tmp_path / "gcp.csv"
-    prices.write_text(GCP_HEADER + ",".join(fields) + "\n")
-    catalog = MarketCatalog(MarketConfig(gcp=GcpMarketConfig(prices_file=prices)))
-    with pytest.raises(ConfigError) as caught:
-        catalog.load_tables()
-    [problem] = caught.value.problems
+    prices, problem = _refused_gcp_row(tmp_path, column, value)
     assert problem.startswith(f"{prices}:2: column {column} (")
     assert f"{value!r} is not a price > 0; a type that is not offered" in problem
 
@@ -373,13 +380,7 @@ def test_a_table_row_priced_out_of_bounds_is_refused(
     tmp_path: Path, value: str, why: str
 ) -> None:
     """Prices no GPU hour has (or infinity) are typos, not offers."""
-    fields = ["us-central1", "g2-standard-4", "l4", "1", value, "0.70"]
-    prices = tmp_path / "gcp.csv"
-    prices.write_text(GCP_HEADER + ",".join(fields) + "\n")
-    catalog = MarketCatalog(MarketConfig(gcp=GcpMarketConfig(prices_file=prices)))
-    with pytest.raises(ConfigError) as caught:
-        catalog.load_tables()
-    [problem] = caught.value.problems
+    prices, problem = _refused_gcp_row(tmp_path, 5, value)
     assert problem == f"{prices}:2: column 5 (spot_usd_per_hour): {value!r} {why}"
 
 

@@ -103,33 +103,14 @@ def test_plot_without_matplotlib_names_the_extra(
     """Without matplotlib, --plot is refused before the run, as a bad
     option (exit code 2), with the pip command to install it."""
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    result = invoke(
-        "--traces",
-        str(traces),
-        "--jobs",
-        "1",
-        "--days",
-        "4",
-        "--plot",
-        str(tmp_path / "p.png"),
-    )
+    args = ["--traces", str(traces), "--jobs", "1", "--days", "4"]
+    args += ["--plot", str(tmp_path / "p.png")]
+    result = invoke(*args)
     assert isinstance(result.exception, ConfigError)
     (problem,) = result.exception.problems
     assert problem.startswith("--plot: cannot write the plot: matplotlib")
     assert "pip install 'gpufleet[sim]'" in problem
-    code = main(
-        [
-            "simulate",
-            "--traces",
-            str(traces),
-            "--jobs",
-            "1",
-            "--days",
-            "4",
-            "--plot",
-            str(tmp_path / "p.png"),
-        ]
-    )
+    code = main(["simulate", *args])
     assert code == 2
 
 
