@@ -153,3 +153,25 @@ def test_packaging_install_bad_arguments_exit_2(
 
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_the_wheel_carries_every_shipped_data_file(tmp_path: Path) -> None:
+    """A broker installed from the wheel (not a checkout) finds its price and
+    risk tables: every file of broker/market_data and the reaper's prices."""
+    import sys
+    import zipfile
+
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"]
+    subprocess.run(
+        [*pip, "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT_S * 3,
+    )
+    [wheel] = tmp_path.glob("gpufleet-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = [p.name for p in (ROOT / "broker" / "market_data").iterdir()]
+    assert shipped
+    for name in shipped:
+        assert f"gpufleet/broker/market_data/{name}" in names
+    assert "gpufleet/broker/prices_default.csv" in names
