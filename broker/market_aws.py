@@ -150,8 +150,8 @@ class AwsSpotPrices:
             raise SpotSourceError(
                 f"cannot read EC2's spot price answer in {region}: "
                 f"{type(exc).__name__}: {str(exc)[:200]}",
-                hint="check that market.aws endpoint is EC2 (or a faithful "
-                "emulator of it)",
+                hint="check that the broker's aws_endpoint_url, where set, "
+                "is EC2 or a faithful emulator of it",
             ) from exc
         return _latest(records, region, set(instance_types))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gpufleet.proto import pb
@@ -16,9 +17,9 @@ MAX_USD_PER_HOUR = 10_000.0
 
 def price_problem(price: float) -> str | None:
     """Why an hourly price cannot be right, or None."""
-    if price != price or price <= 0:
+    if math.isnan(price) or price <= 0:
         return "is not a price > 0"
-    if price == float("inf") or price > MAX_USD_PER_HOUR:
+    if price > MAX_USD_PER_HOUR:  # infinity too
         return f"is above {MAX_USD_PER_HOUR:g} USD/h"
     if price < MIN_USD_PER_HOUR:
         return f"is below {MIN_USD_PER_HOUR:g} USD/h"
