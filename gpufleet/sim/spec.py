@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from gpufleet.broker.market_offer import MAX_USD_PER_HOUR
+
 HOUR_S = 3600.0
 DAY_S = 86400.0
 
@@ -40,9 +42,9 @@ MAX_JOB_GAP_HOURS = 8760.0
 MAX_RESTART_MINUTES = 1440.0
 # Checkpointing less often than once per longest job is never checkpointing.
 MAX_CHECKPOINT_MINUTES = MAX_JOB_HOURS * 60.0
-# The dearest cloud GPU instances list at about 100 USD/h; prices, counts and
+# The bound the broker's catalog keeps prices within; prices, counts and
 # steps stay far from float overflow with these.
-MAX_PRICE = 10_000.0
+MAX_PRICE = MAX_USD_PER_HOUR
 MAX_STEPS_PER_HOUR = 1e6
 MAX_GANG = 1024
 
