@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -290,9 +292,6 @@ def test_a_client_that_resets_its_connection_prints_no_traceback(
 ) -> None:
     """An agent stopped while its request is answered (its instance was
     taken) leaves the server quiet and serving."""
-    import socket
-    import struct
-
     host, port = gcp.url.removeprefix("http://").split(":")
     for delay_s in (0.0, 0.3):
         # Mid-answer, and between two requests of a kept-alive connection.
